@@ -1,0 +1,348 @@
+"""The decoding engine: plain and Parallel Prompt Decoding through one streaming API.
+
+One step = one forward of the stock model over [root, candidate nodes, attached prompt tokens]
+with a 4-D additive mask and explicit positions. The cache always holds the committed tokens
+*before* the root; the root (already chosen) is the first row of every step. Plain decoding is
+the same step with a tree that is just the root, so both modes share every line that matters for
+losslessness: the logits processing, the argmax and the commit.
+
+A prompt is prefilled up to its last token; that token is the first root (with N prompt tokens
+attached in PPD mode, which yields the first guesses).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import psutil
+import torch
+from transformers import DynamicCache
+
+from .models import LoadedModel
+from .prompt_tokens import PromptTokens
+from .tree import TreeBuffers, TreeSpec, plain_spec
+
+PREFILL_CHUNK = 512
+MIN_ROWS = 4  # fp32 CPU matmuls with 2-3 rows take a slow path (measured): pad tiny trees to 4
+
+
+class InputError(ValueError):
+    """Bad user input (empty message, prompt longer than the context, bad settings)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_new_tokens: int = 256
+    ppd: bool = True
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        if self.repetition_penalty <= 0:
+            raise InputError("repetition_penalty must be positive")
+
+
+@dataclass
+class Counters:
+    """Running figures of one generation; the UI and the benchmark read these."""
+    new_tokens: int = 0
+    forward_passes: int = 0  # decoding forwards; the prefill of all but the last prompt token is separate
+    accepted_guesses: int = 0
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the session cache)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    peak_memory_mb: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Acceptance length: new tokens per decoding forward pass (1.0 for plain decoding)."""
+        return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "tokens_per_s": self.tokens_per_s, "tau": self.tau}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str  # new text since the last chunk
+    token_ids: list[int]
+    provenance: list[str]  # per token: "model" (verified root) or "ppd" (accepted guess)
+    counters: Counters
+    finish_reason: str | None = None  # "eos", "stop", "length" on the last chunk
+
+
+@dataclass
+class Session:
+    """A conversation's KV cache, reused by its next turn. Not shared between threads."""
+    cache: DynamicCache | None = None
+    cached_ids: list[int] = field(default_factory=list)  # tokens whose keys/values are in `cache`
+
+    def reset(self) -> None:
+        self.cache, self.cached_ids = None, []
+
+
+# Overrides the candidate tokens: (committed ids incl. root, d, top_k) -> LongTensor [d, top_k].
+Guesser = Callable[[list[int], int, int], torch.Tensor]
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, prompt_tokens: PromptTokens | None = None, tree: TreeSpec | None = None):
+        self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
+        self.prompt_tokens = prompt_tokens
+        self.device = lm.model.get_input_embeddings().weight.device
+        self.dtype = lm.model.get_input_embeddings().weight.dtype
+        self.max_context = int(getattr(lm.model.config, "max_position_embeddings", 2048))
+        self.eos_ids = self._eos_ids()
+        n = prompt_tokens.n_tokens if prompt_tokens is not None else 0
+        self.set_tree(tree if tree is not None else plain_spec(n))
+        self._plain = TreeBuffers.from_spec(plain_spec(0), 0, device=self.device)
+
+    def set_tree(self, tree: TreeSpec) -> None:
+        n = self.prompt_tokens.n_tokens if self.prompt_tokens is not None else 0
+        if tree.n_tokens != n:
+            raise ValueError(f"tree is for {tree.n_tokens} prompt tokens, the engine has {n}")
+        tree.validate()
+        m = self.prompt_tokens.n_virtual if self.prompt_tokens is not None else 1
+        self.tree = tree
+        self._buffers = {d: TreeBuffers.from_spec(tree, d, m, self.device) for d in tree.trees}
+
+    @property
+    def parameter_overhead(self) -> float:
+        """Prompt-token parameters / model parameters."""
+        if self.prompt_tokens is None:
+            return 0.0
+        return self.prompt_tokens.num_parameters / sum(p.numel() for p in self.model.parameters())
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+        return {i for i in ids if i is not None}
+
+    # ------------------------------------------------------------------ input
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        """Chat messages -> prompt ids ending with the assistant header."""
+        if not messages or not str(messages[-1].get("content", "")).strip():
+            raise InputError("the message is empty")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # ------------------------------------------------------------------ the step
+
+    def _forward(self, cache: DynamicCache, embeds: torch.Tensor, buf: TreeBuffers, past: int) -> torch.Tensor:
+        """Logits of every tree row, with the rows' keys/values appended to `cache`."""
+        rows = embeds.shape[0]
+        positions = past + buf.offsets
+        if rows == 1:  # plain step: causal attention needs no mask
+            out = self.model(inputs_embeds=embeds[None], position_ids=positions[None], past_key_values=cache,
+                             use_cache=True)
+            return out.logits[0]
+        allow = buf.allow
+        pad = max(0, MIN_ROWS - rows)
+        if pad:  # padding rows see only themselves; their cache entries are dropped at commit
+            embeds = torch.cat([embeds, embeds[-1:].expand(pad, -1)])
+            positions = torch.cat([positions, positions[-1:].expand(pad)])
+            allow = torch.eye(rows + pad, dtype=torch.bool, device=self.device)
+            allow[:rows, :rows] = buf.allow
+        mask = torch.zeros(1, 1, allow.shape[0], past + allow.shape[0], dtype=self.dtype, device=self.device)
+        mask[0, 0, :, past:].masked_fill_(~allow, torch.finfo(self.dtype).min)
+        out = self.model(inputs_embeds=embeds[None], attention_mask=mask, position_ids=positions[None],
+                         past_key_values=cache, use_cache=True)
+        return out.logits[0, :rows]
+
+    def _process(self, logits: torch.Tensor, seen: torch.Tensor, path_tokens: torch.Tensor,
+                 ancestors: torch.Tensor, settings: Settings) -> torch.Tensor:
+        """Deterministic logits processing per node, on that node's own context.
+
+        seen: [V] bool, tokens in the committed context (root included). A node's context adds
+        the tokens on its path (ancestors x path_tokens).
+        """
+        p = settings.repetition_penalty
+        if p == 1.0:
+            return logits
+        mask = seen.expand(logits.shape[0], -1).clone()
+        rows, cols = ancestors.nonzero(as_tuple=True)
+        mask[rows, path_tokens[cols]] = True
+        penalised = torch.where(logits < 0, logits * p, logits / p)
+        return torch.where(mask, penalised, logits)
+
+    def _step(self, state: _State, settings: Settings, guesser: Guesser | None
+              ) -> tuple[list[int], int]:
+        """One forward: returns (tokens emitted: accepted guesses + next root, number of guesses)."""
+        pl = state.prompt_logits
+        use_ppd = settings.ppd and self.prompt_tokens is not None
+        d = pl.shape[0] if (use_ppd and pl is not None) else 0
+        buf = self._buffers[d] if use_ppd else self._plain
+        table = [torch.tensor([state.root], device=self.device)]
+        if d:
+            k = self.tree.top_k
+            guesses = guesser(state.ids, d, k) if guesser else torch.topk(pl, k, dim=-1).indices
+            table.append(guesses.reshape(-1).to(self.device))
+        node_tokens = torch.cat(table)[buf.cand_index]
+        embeds = self.model.get_input_embeddings()(node_tokens)
+        if buf.prompt_source.numel():
+            embeds = torch.cat([embeds, self.prompt_tokens.embeddings[buf.prompt_source].to(embeds.dtype)])
+        past = state.cache.get_seq_length()
+        logits = self._forward(state.cache, embeds, buf, past)
+
+        n_nodes = buf.n_nodes
+        node_logits = self._process(logits[:n_nodes].float(), state.seen, node_tokens, buf.ancestors, settings)
+        pred = node_logits.argmax(-1)
+        ok = torch.ones(n_nodes, dtype=torch.bool, device=self.device)
+        if n_nodes > 1:
+            ok[1:] = node_tokens[1:] == pred[buf.parents[1:]]
+        path_ok = ~(buf.ancestors & ~ok).any(-1)
+        # deepest fully accepted node; argmax takes the first of equals
+        best = int(torch.argmax(torch.where(path_ok, buf.depth, -1)))
+        path = buf.path(best)
+
+        # commit: keep the cache rows of the accepted path, drop the rest of the tree
+        keep = past + path
+        for layer in state.cache.layers:
+            layer.keys = torch.cat([layer.keys[..., :past, :], layer.keys[..., keep, :]], dim=-2)
+            layer.values = torch.cat([layer.values[..., :past, :], layer.values[..., keep, :]], dim=-2)
+
+        rows = buf.prompt_rows[best]
+        state.prompt_logits = logits[rows].float().mean(1) if (use_ppd and rows.numel()) else None
+        accepted = node_tokens[path[1:]].tolist()
+        return accepted + [int(pred[best])], len(accepted)
+
+    # ------------------------------------------------------------------ the API
+
+    def generate(self, messages: list[dict] | None = None, settings: Settings | None = None,
+                 session: Session | None = None, *, prompt_ids: list[int] | None = None,
+                 guesser: Guesser | None = None) -> Iterator[Chunk]:
+        """Stream a reply. Give chat `messages` (or raw `prompt_ids`); pass a `session` to reuse
+        its KV cache across turns. Closing the iterator stops decoding; the session stays usable."""
+        settings = settings or Settings()
+        settings.validate()
+        ids = list(prompt_ids) if prompt_ids is not None else self.encode(messages or [])
+        if not ids:
+            raise InputError("the prompt is empty")
+        room = self.max_context - len(ids) - 1 - (self.tree.budget if settings.ppd else 0) - MIN_ROWS
+        if room < 1:
+            raise InputError(f"the prompt is {len(ids)} tokens; this model's context holds {self.max_context}. "
+                             "Shorten the message or start a new chat.")
+        max_new = min(settings.max_new_tokens, room)
+        session = session if session is not None else Session()
+        with torch.inference_mode():
+            yield from self._generate(ids, settings, max_new, session, guesser)
+
+    def _generate(self, ids: list[int], settings: Settings, max_new: int, session: Session,
+                  guesser: Guesser | None) -> Iterator[Chunk]:
+        counters = Counters(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        state = self._prefill(ids, session, counters)
+        counters.prefill_s = time.perf_counter() - t0
+        detok = _Detokenizer(self.tokenizer, settings.stop)
+        finish = None
+        try:
+            while finish is None:
+                t = time.perf_counter()
+                new, n_guessed = self._step(state, settings, guesser)
+                counters.forward_passes += 1
+                out_ids, prov = [], []
+                for i, tok in enumerate(new):
+                    state.ids.append(state.root)  # the old root is now committed context
+                    state.root = tok
+                    state.seen[tok] = True
+                    if tok in self.eos_ids:
+                        finish = "eos"
+                        break
+                    out_ids.append(tok)
+                    prov.append("ppd" if i < n_guessed else "model")
+                    if detok.add(tok):
+                        finish = "stop"
+                        break
+                    if counters.new_tokens + len(out_ids) >= max_new:
+                        finish = "length"
+                        break
+                counters.new_tokens += len(out_ids)
+                counters.accepted_guesses += sum(p != "model" for p in prov)
+                session.cached_ids = state.ids[: state.cache.get_seq_length()]
+                counters.peak_memory_mb = max(counters.peak_memory_mb, _peak_memory_mb(self.device))
+                counters.decode_s += time.perf_counter() - t
+                yield Chunk(detok.flush(finish is not None), out_ids, prov, replace(counters), finish)
+        except BaseException:
+            if finish is None:  # cancelled or failed mid-reply: keep only what the cache really holds
+                session.cached_ids = state.ids[: state.cache.get_seq_length()]
+            raise
+
+    def _prefill(self, ids: list[int], session: Session, counters: Counters) -> _State:
+        """Reuse the session's cache for the longest common prefix; compute the rest but the last token."""
+        if session.cache is None:
+            session.cache = DynamicCache(config=self.model.config)
+            session.cached_ids = []
+        cache = session.cache
+        common = 0
+        for a, b in zip(session.cached_ids, ids[:-1]):
+            if a != b:
+                break
+            common += 1
+        if cache.get_seq_length() > common:
+            cache.crop(common - cache.get_seq_length())
+        todo = ids[common:-1]
+        for start in range(0, len(todo), PREFILL_CHUNK):
+            chunk = torch.tensor([todo[start:start + PREFILL_CHUNK]], device=self.device)
+            pos = torch.arange(common + start, common + start + chunk.shape[1], device=self.device)
+            self.model(input_ids=chunk, position_ids=pos[None], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)
+        counters.prefill_tokens = len(todo)
+        session.cached_ids = ids[:-1]
+        seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+        seen[torch.tensor(ids, device=self.device)] = True
+        # the first step has the last prompt token as root and, in PPD mode, N prompt tokens attached
+        return _State(ids=ids[:-1], root=ids[-1], cache=cache, seen=seen, prompt_logits=None)
+
+
+@dataclass
+class _State:
+    ids: list[int]  # committed tokens (in the cache), root excluded
+    root: int
+    cache: DynamicCache
+    seen: torch.Tensor  # [V] bool: tokens in ids + root, for the repetition penalty
+    prompt_logits: torch.Tensor | None  # [d, V] guesses for the tokens after the root
+
+
+class _Detokenizer:
+    """Incremental decoding that never splits a multi-byte character, and stop-string detection."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+
+    def add(self, tok: int) -> bool:
+        """Append a token; True if the text now contains a stop string (the text is cut before it)."""
+        self.ids.append(tok)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.sent - len(s)))
+            if at >= 0:
+                self.text = self.text[:at]
+                return True
+        return False
+
+    def flush(self, final: bool) -> str:
+        text = self.text if final else self.text.rstrip("\ufffd")
+        new, self.sent = text[self.sent:], max(self.sent, len(text))
+        return new
