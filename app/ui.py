@@ -38,7 +38,8 @@ def build_ui(engine: Engine, defaults: ChatDefaults | None = None) -> gr.Blocks:
     engine_event = {"concurrency_id": ENGINE_SLOT, "concurrency_limit": 1}
 
     with gr.Blocks(title="PPD Chat") as demo:
-        conv = gr.State(lambda: Conversation())  # a callable gives a fresh conversation (and KV cache) per browser session
+        # callables: a fresh conversation (with its own KV cache) per browser session
+        conv = gr.State(lambda: Conversation())
         peaks = gr.State(lambda: MemoryPeaks())
         gr.Markdown("## PPD Chat\nParallel Prompt Decoding: the same answers as plain greedy decoding, "
                     "in fewer forward passes. <mark class=\"ppd-guess\">Highlighted</mark> tokens came from "
