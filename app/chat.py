@@ -70,7 +70,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     if args.recalibrate:
         print("[ppd] --recalibrate: tree calibration is not implemented yet; using the built-in tree", flush=True)
-    auth = share_auth(args.share, parse_auth(args.auth))
+    auth = parse_auth(args.auth)  # checked before the slow model load
     print("[ppd] loading the model and prompt tokens (the first run prepares the default model, "
           "which takes a minute)…", flush=True)
     engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree)
@@ -78,6 +78,7 @@ def run_chat(args: argparse.Namespace) -> int:
           f"tree of {engine.tree.budget} nodes; starting the web app…", flush=True)
     defaults = ChatDefaults(max_new_tokens=args.max_new_tokens, ppd=not args.no_ppd)
     demo = build_ui(engine, defaults)
+    auth = share_auth(args.share, auth)  # printed here so the credentials sit next to the URLs
     try:
         launch_ui(demo, args.host, args.port, args.share, auth)
     except OSError as exc:  # port taken, bad host

@@ -266,3 +266,72 @@ def test_share_without_network_says_so_and_keeps_serving_locally(engine, monkeyp
     finally:
         demo.close()
 
+
+
+class RecordingEngine:
+    """The real engine, recording how each generation ended (to see that a disconnect closes it)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.runs: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, *args, **kwargs):
+        run = {"chunks": 0, "closed": False, "finished": False}
+        self.runs.append(run)
+        try:
+            for chunk in self._engine.generate(*args, **kwargs):
+                run["chunks"] += 1
+                yield chunk
+            run["finished"] = True
+        finally:
+            run["closed"] = True
+
+
+def join_chat_raw(url: str, session_hash: str, message: str, max_new: int) -> None:
+    """Queue a /chat call the way the browser does (no gradio_client), without listening yet."""
+    import httpx
+
+    config = httpx.get(f"{url}config").json()
+    dep = next(d for d in config["dependencies"] if d.get("api_name") == "chat")
+    values = {"message": message, "system": "", "max_new": max_new, "rep": REP, "ppd": True, "highlight": False}
+    components = {c["id"]: c for c in config["components"]}
+    data = []
+    for cid in dep["inputs"]:
+        label = components[cid].get("props", {}).get("elem_id") or components[cid].get("props", {}).get("label")
+        data.append(values.get({"System prompt": "system", "Max new tokens": "max_new",
+                                "Repetition penalty": "rep"}.get(label, label)))
+    body = {"data": data, "fn_index": dep["id"], "trigger_id": None, "session_hash": session_hash,
+            "event_data": None}
+    httpx.post(f"{url}gradio_api/queue/join", json=body).raise_for_status()
+
+
+@pytest.mark.slow
+def test_a_disconnected_client_frees_the_engine(engine):
+    import httpx
+    from gradio_client import Client
+
+    from app.ui import build_ui
+
+    recorder = RecordingEngine(engine)
+    demo = build_ui(recorder)
+    launch_ui(demo, "127.0.0.1", free_port(), share=False, auth=None, block=False)
+    try:
+        url = demo.local_url
+        join_chat_raw(url, "gone-user", "Tell me a long story about a castle.", 400)
+        with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": "gone-user"},
+                          timeout=120) as stream:
+            for line in stream.iter_lines():
+                if "process_generating" in line and recorder.runs and recorder.runs[0]["chunks"] > 0:
+                    break  # tokens are streaming: now the browser goes away
+        deadline = time.time() + 120
+        while time.time() < deadline and not (recorder.runs and recorder.runs[0]["closed"]):
+            time.sleep(0.2)
+        first = recorder.runs[0]
+        assert first["closed"] and not first["finished"] and first["chunks"] < 400
+        result = chat(Client(url, verbose=False), "Say yes.", max_new=8)[-1]
+        assert message_text(result[1][-1]) == expected_reply(engine, [{"role": "user", "content": "Say yes."}], 8)
+    finally:
+        demo.close()
