@@ -194,7 +194,7 @@ class Engine:
         table = [torch.tensor([state.root], device=self.device)]
         if d:
             k = self.tree.top_k
-            guesses = guesser(state.ids, d, k) if guesser else torch.topk(pl, k, dim=-1).indices
+            guesses = guesser([*state.ids, state.root], d, k) if guesser else torch.topk(pl, k, dim=-1).indices
             table.append(guesses.reshape(-1).to(self.device))
         node_tokens = torch.cat(table)[buf.cand_index]
         embeds = self.model.get_input_embeddings()(node_tokens)
@@ -293,7 +293,7 @@ class Engine:
             session.cached_ids = []
         cache = session.cache
         common = 0
-        for a, b in zip(session.cached_ids, ids[:-1]):
+        for a, b in zip(session.cached_ids, ids[:-1], strict=False):
             if a != b:
                 break
             common += 1
@@ -336,13 +336,22 @@ class _Detokenizer:
         self.ids.append(tok)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         for s in self.stop:
-            at = self.text.find(s, max(0, self.sent - len(s)))
+            at = self.text.find(s, self.sent)  # text before `sent` holds no stop string (flush held it back)
             if at >= 0:
                 self.text = self.text[:at]
                 return True
         return False
 
     def flush(self, final: bool) -> str:
-        text = self.text if final else self.text.rstrip("\ufffd")
-        new, self.sent = text[self.sent:], max(self.sent, len(text))
+        """The text not sent yet, holding back an unfinished character or a possible stop-string start."""
+        text = self.text
+        if not final:
+            text = text.rstrip("\ufffd")
+            for s in self.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        text = text[:-k]
+                        break
+        new = text[self.sent:]
+        self.sent = max(self.sent, len(text))
         return new

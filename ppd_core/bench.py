@@ -1,0 +1,204 @@
+"""`python launch.py bench`: plain and PPD decoding measured side by side, in one process.
+
+Modes run interleaved per prompt (rotating order, so drift in machine load spreads evenly):
+- hf_generate:      greedy `model.generate` (the reference speed)
+- hf_prompt_lookup: `model.generate(prompt_lookup_num_tokens=10)` (transformers' n-gram speculation)
+- plain:            the engine with PPD off
+- ppd:              the engine with PPD on
+tokens/s is end to end (prefill + decoding) for every mode so that all are measured the same way.
+Per-prompt results are appended to `<json>.partial.jsonl`, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from .engine import Engine, Settings
+
+MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd")
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", required=True, help="JSONL prompt file ({'turns': [...]} per line)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="the chat's default (deterministic)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--json", default=None, help="write the results here (and resume from <json>.partial.jsonl)")
+
+
+@dataclass
+class ModeTotals:
+    new_tokens: int = 0
+    forward_passes: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    outputs: list[list[int]] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"tokens_per_s": self.new_tokens / self.seconds if self.seconds else 0.0,
+                "decode_tokens_per_s": self.new_tokens / self.decode_seconds if self.decode_seconds else None,
+                "tau": self.new_tokens / self.forward_passes if self.forward_passes else None,
+                "new_tokens": self.new_tokens, "forward_passes": self.forward_passes or None,
+                "seconds": round(self.seconds, 3), "peak_memory_mb": round(self.peak_memory_mb, 1)}
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA max allocated, or process RSS sampled every 5 ms on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0.0, threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss / 2**20)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings) -> dict:
+    """One prompt in one mode -> {tokens, seconds, decode_seconds, forward_passes, peak_memory_mb}."""
+    with PeakMemory(engine.device) as mem:
+        start = time.perf_counter()
+        if mode.startswith("hf_"):
+            out = _hf_generate(engine, ids, settings, lookup=mode == "hf_prompt_lookup")
+            decode_s, passes = None, None
+        else:
+            out, last = [], None
+            for chunk in engine.generate(prompt_ids=ids, settings=Settings(
+                    max_new_tokens=settings.max_new_tokens, ppd=mode == "ppd",
+                    repetition_penalty=settings.repetition_penalty)):
+                out += chunk.token_ids
+                last = chunk.counters
+            decode_s, passes = last.decode_s, last.forward_passes
+        seconds = time.perf_counter() - start
+    return {"tokens": out, "seconds": seconds, "decode_seconds": decode_s, "forward_passes": passes,
+            "peak_memory_mb": mem.peak}
+
+
+def _hf_generate(engine: Engine, ids: list[int], settings: Settings, lookup: bool) -> list[int]:
+    inp = torch.tensor([ids], device=engine.device)
+    kwargs = {"prompt_lookup_num_tokens": 10} if lookup else {}
+    with torch.inference_mode():
+        out = engine.model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=settings.max_new_tokens,
+                                    do_sample=False, repetition_penalty=settings.repetition_penalty,
+                                    pad_token_id=engine.tokenizer.eos_token_id, **kwargs)
+    new = out[0, len(ids):].tolist()
+    while new and new[-1] in engine.eos_ids:  # the engine does not count the end-of-turn token either
+        new.pop()
+    return new
+
+
+def load_prompt_file(path: str | Path, limit: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], settings: Settings,
+              partial: Path | None = None) -> dict:
+    """Run every prompt in every mode; returns the JSON report."""
+    config = [engine.lm.name, str(engine.dtype), engine.tree.to_json(), settings.max_new_tokens,
+              settings.repetition_penalty, list(modes)]
+    done: dict[str, dict] = {}
+    if partial and partial.is_file():
+        for line in partial.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("config") == config:  # results of another configuration are not reused
+                done[row["id"]] = row["results"]
+    # warm-up: first-call overheads (allocator, kernels) must not land on one mode
+    warm = engine.encode([{"role": "user", "content": "Hello!"}])
+    for mode in modes:
+        run_mode(engine, mode, warm, Settings(max_new_tokens=8, repetition_penalty=settings.repetition_penalty))
+    totals = {m: ModeTotals() for m in modes}
+    for i, row in enumerate(tqdm(prompts, desc="bench", unit="prompt")):
+        pid = str(row.get("id", i))
+        results = done.get(pid)
+        if results is None:
+            ids = engine.encode([{"role": "user", "content": row["turns"][0]}])
+            order = modes[i % len(modes):] + modes[: i % len(modes)]
+            results = {m: run_mode(engine, m, ids, settings) for m in order}
+            if partial:
+                with partial.open("a") as f:
+                    f.write(json.dumps({"id": pid, "config": config, "results": results}) + "\n")
+        for m in modes:
+            r, t = results[m], totals[m]
+            t.new_tokens += len(r["tokens"])
+            t.seconds += r["seconds"]
+            t.decode_seconds += r["decode_seconds"] or 0.0
+            t.forward_passes += r["forward_passes"] or 0
+            t.peak_memory_mb = max(t.peak_memory_mb, r["peak_memory_mb"])
+            t.outputs.append(r["tokens"])
+    plain = totals.get("plain")
+    return {
+        "model": engine.lm.name, "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores",
+        "prompts": len(prompts), "max_new_tokens": settings.max_new_tokens,
+        "repetition_penalty": settings.repetition_penalty, "tree_budget": engine.tree.budget,
+        "parameter_overhead": engine.parameter_overhead,
+        "modes": {m: t.summary() for m, t in totals.items()},
+        "identical_to_plain": {m: t.outputs == plain.outputs for m, t in totals.items()} if plain else {},
+    }
+
+
+def markdown_table(report: dict) -> str:
+    base = report["modes"].get("plain", {}).get("tokens_per_s")
+    lines = ["| mode | tokens/s | speed-up vs plain | tau | new tokens | forward passes | peak MB | identical |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, s in report["modes"].items():
+        speed = f"{s['tokens_per_s'] / base:.2f}x" if base else "-"
+        tau = f"{s['tau']:.2f}" if s["tau"] else "-"
+        same = report["identical_to_plain"].get(m)
+        lines.append(f"| {m} | {s['tokens_per_s']:.1f} | {speed} | {tau} | {s['new_tokens']} | "
+                     f"{s['forward_passes'] or '-'} | {s['peak_memory_mb']:.0f} | {'yes' if same else 'NO'} |")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .runtime import build_engine
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        print(f"error: unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree)
+    prompts = load_prompt_file(args.prompts, args.limit)
+    settings = Settings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
+    partial = Path(args.json + ".partial.jsonl") if args.json else None
+    report = benchmark(engine, prompts, modes, settings, partial)
+    report["command"] = "python launch.py " + " ".join(sys.argv[1:])
+    print(f"\nmodel {report['model']}, {report['dtype']}, {report['device']} ({report['machine']}), "
+          f"{report['prompts']} prompts from {args.prompts}, {args.max_new_tokens} new tokens max, "
+          f"repetition penalty {args.repetition_penalty}, tree budget {report['tree_budget']}\n")
+    print(markdown_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        partial.unlink(missing_ok=True)
+    return 0

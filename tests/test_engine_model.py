@@ -1,0 +1,243 @@
+"""Losslessness and behaviour of the engine on the real default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from ppd_core.engine import Engine, InputError, Session, Settings
+from ppd_core.models import ModelError, load_model
+from ppd_core.prompt_tokens import PromptTokenError, PromptTokens
+from ppd_core.tree import TreeBuffers, build_tree, default_tree
+
+from .conftest import DEV_PROMPTS, load_prompts
+
+pytestmark = pytest.mark.slow
+
+N_PROMPTS, N_NEW = 20, 128
+CHAT = Settings(max_new_tokens=N_NEW, repetition_penalty=1.1)  # the chat's deterministic default
+
+
+def run(engine: Engine, prompt: str | list[int], settings: Settings, **kw) -> list[int]:
+    ids = prompt if isinstance(prompt, list) else engine.encode([{"role": "user", "content": prompt}])
+    out: list[int] = []
+    for chunk in engine.generate(prompt_ids=ids, settings=settings, **kw):
+        out += chunk.token_ids
+    return out
+
+
+def oracle(reference: dict[int, list[int]], p_right: float, seed: int):
+    """A guesser that knows the plain output: per depth the right token sits at rank 0 (sometimes 1) with
+    probability p_right; every other rank is a random token."""
+    rng = random.Random(seed)
+
+    def guesser(ids: list[int], d: int, k: int) -> torch.Tensor:
+        full = next(f for f in reference.values() if f[: len(ids)] == ids)
+        out = torch.randint(0, 49152, (d, k), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+        for j in range(d):
+            if len(ids) + j < len(full) and rng.random() < p_right:
+                out[j, rng.choice([0, 0, 0, 1])] = full[len(ids) + j]
+        return out
+
+    return guesser
+
+
+def deep_tree():
+    """A tree that trusts its guesses (chains 3 deep), so forced-right guesses get accepted deeply."""
+    acc = np.array([[0.9, 0.05] + [0.001] * 8] * 3)
+    return build_tree(acc, 16)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    return load_prompts(DEV_PROMPTS, N_PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(engine: Engine, prompts: list[str]) -> list[list[int]]:
+    return [run(engine, p, Settings(max_new_tokens=N_NEW, ppd=False, repetition_penalty=1.1)) for p in prompts]
+
+
+# ---------------------------------------------------------------- tree forward = causal forward
+
+def _prefill(engine: Engine, ids: list[int]) -> DynamicCache:
+    cache = DynamicCache(config=engine.model.config)
+    engine.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    return cache
+
+
+@torch.inference_mode()
+def test_chain_tree_reproduces_causal_logits(engine: Engine):
+    ids = engine.encode([{"role": "user", "content": "Name three colours."}])
+    chain = ids[-6:]
+    full = engine.model(input_ids=torch.tensor([ids])).logits[0, -6:].float()
+    buf = TreeBuffers.build(parents=[-1, 0, 1, 2, 3, 4], cand_index=list(range(6)), attached=[0] * 6)
+    cache = _prefill(engine, ids[:-6])
+    embeds = engine.model.get_input_embeddings()(torch.tensor(chain))
+    tree = engine._forward(cache, embeds, buf, len(ids) - 6).float()
+    assert torch.equal(tree.argmax(-1), full.argmax(-1))
+    assert (tree - full).abs().max() < 1e-3
+
+
+@torch.inference_mode()
+def test_branching_tree_gives_each_branch_its_own_logits(engine: Engine):
+    ids = engine.encode([{"role": "user", "content": "Write a haiku about rain."}])
+    a, b = [1000, 2000, 3000], [4000, 5000]
+    # root, branch a (3 deep), branch b (2 deep) hanging from the root
+    buf = TreeBuffers.build(parents=[-1, 0, 1, 2, 0, 4], cand_index=list(range(6)), attached=[0] * 6)
+    tokens = torch.tensor([ids[-1], *a, *b])
+    cache = _prefill(engine, ids[:-1])
+    tree = engine._forward(cache, engine.model.get_input_embeddings()(tokens), buf, len(ids) - 1).float()
+    alone_a = engine.model(input_ids=torch.tensor([ids + a])).logits[0, -4:].float()
+    alone_b = engine.model(input_ids=torch.tensor([ids + b])).logits[0, -3:].float()
+    assert (tree[[0, 1, 2, 3]] - alone_a).abs().max() < 1e-3
+    assert (tree[[0, 4, 5]] - alone_b).abs().max() < 1e-3
+
+
+# ---------------------------------------------------------------- PPD output == plain output
+
+def test_plain_engine_matches_hf_generate(engine: Engine, prompts: list[str], plain_outputs: list[list[int]]):
+    for prompt, expected in list(zip(prompts, plain_outputs, strict=False))[:3]:
+        ids = engine.encode([{"role": "user", "content": prompt}])
+        out = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=N_NEW, do_sample=False, repetition_penalty=1.1,
+                                    pad_token_id=engine.tokenizer.eos_token_id)[0, len(ids):].tolist()
+        assert [t for t in out if t not in engine.eos_ids] == expected
+
+
+def test_ppd_trained_tokens_equal_plain(engine: Engine, prompts: list[str], plain_outputs: list[list[int]]):
+    for prompt, expected in zip(prompts, plain_outputs, strict=True):
+        assert run(engine, prompt, CHAT) == expected
+
+
+def test_ppd_random_tokens_equal_plain(lm, prompts: list[str], plain_outputs: list[list[int]]):
+    engine = Engine(lm, PromptTokens.init_for(lm.model, 3, how="random", seed=1), default_tree(3))
+    for prompt, expected in zip(prompts, plain_outputs, strict=True):
+        assert run(engine, prompt, CHAT) == expected
+
+
+@pytest.mark.parametrize("p_right", [1.0, 0.6])
+def test_ppd_with_forced_guesses_equals_plain(engine: Engine, prompts: list[str], plain_outputs: list[list[int]],
+                                              p_right: float):
+    """Guesses taken from the known output: deep acceptance and the KV commit are really exercised."""
+    refs = {i: engine.encode([{"role": "user", "content": p}]) + out
+            for i, (p, out) in enumerate(zip(prompts, plain_outputs, strict=True))}
+    guesser = oracle(refs, p_right, seed=7)
+    engine = Engine(engine.lm, engine.prompt_tokens, deep_tree())
+    taus = []
+    for prompt, expected in zip(prompts, plain_outputs, strict=True):
+        ids = engine.encode([{"role": "user", "content": prompt}])
+        out, last = [], None
+        for chunk in engine.generate(prompt_ids=ids, settings=CHAT, guesser=guesser):
+            out += chunk.token_ids
+            last = chunk.counters
+        assert out == expected
+        taus.append(last.tau)
+    deepest = max(len(nodes[-1][0]) for nodes in engine.tree.trees.values())
+    assert sum(taus) / len(taus) > (1.5 if p_right == 1.0 else 1.2)
+    assert max(taus) <= deepest + 1
+
+
+def test_ppd_equals_plain_without_repetition_penalty(engine: Engine, prompts: list[str]):
+    for prompt in prompts[:5]:
+        greedy = Settings(max_new_tokens=64, repetition_penalty=1.0)
+        assert run(engine, prompt, greedy) == run(engine, prompt, Settings(max_new_tokens=64, ppd=False,
+                                                                           repetition_penalty=1.0))
+
+
+# ---------------------------------------------------------------- stopping
+
+def test_max_new_tokens_is_exact_even_inside_an_accepted_chunk(engine: Engine, prompts: list[str],
+                                                               plain_outputs: list[list[int]]):
+    refs = {0: engine.encode([{"role": "user", "content": prompts[0]}]) + plain_outputs[0]}
+    engine = Engine(engine.lm, engine.prompt_tokens, deep_tree())
+    for n in (1, 2, 5, 17, 33):
+        out = run(engine, prompts[0], Settings(max_new_tokens=n, repetition_penalty=1.1),
+                  guesser=oracle(refs, 1.0, seed=n))
+        assert out == plain_outputs[0][:n]
+
+
+def test_stop_strings_cut_the_text_exactly(engine: Engine, prompts: list[str], plain_outputs: list[list[int]]):
+    text = engine.tokenizer.decode(plain_outputs[1], skip_special_tokens=True)
+    stop = text[len(text) // 2: len(text) // 2 + 6]
+    for ppd in (False, True):
+        chunks = list(engine.generate([{"role": "user", "content": prompts[1]}],
+                                      Settings(max_new_tokens=N_NEW, ppd=ppd, repetition_penalty=1.1, stop=(stop,))))
+        assert "".join(c.text for c in chunks) == text[: text.index(stop)]
+        assert chunks[-1].finish_reason == "stop"
+
+
+# ---------------------------------------------------------------- sessions, cancellation, counters
+
+def test_cancelled_generation_leaves_engine_and_session_usable(engine: Engine, prompts: list[str],
+                                                               plain_outputs: list[list[int]]):
+    session = Session()
+    msgs = [{"role": "user", "content": prompts[0]}]
+    stream = engine.generate(msgs, CHAT, session)
+    for _ in range(3):
+        next(stream)
+    stream.close()
+    assert run(engine, prompts[0], CHAT) == plain_outputs[0]
+    again = [t for c in engine.generate(msgs, CHAT, session) for t in c.token_ids]
+    assert again == plain_outputs[0]
+
+
+def test_second_turn_prefills_only_new_tokens(engine: Engine):
+    session = Session()
+    msgs = [{"role": "user", "content": "Give me one word for happy."}]
+    chunks = list(engine.generate(msgs, Settings(max_new_tokens=24, repetition_penalty=1.1), session))
+    first = chunks[-1].counters
+    assert first.prefill_tokens == first.prompt_tokens - 1  # everything but the root
+    reply = "".join(c.text for c in chunks)
+    msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And one for sad?"}]
+    turn2 = list(engine.generate(msgs, Settings(max_new_tokens=24, repetition_penalty=1.1), session))
+    second = turn2[-1].counters
+    full = engine.encode(msgs)
+    assert second.prompt_tokens == len(full)
+    assert second.prefill_tokens < 30 < first.prompt_tokens  # the first turn was not computed again
+    # and reusing the cache does not change the answer
+    assert [t for c in turn2 for t in c.token_ids] == run(engine, full, Settings(max_new_tokens=24,
+                                                                                 repetition_penalty=1.1))
+
+
+def test_counters_and_provenance(engine: Engine, prompts: list[str]):
+    chunks = list(engine.generate([{"role": "user", "content": prompts[2]}], Settings(max_new_tokens=40)))
+    last = chunks[-1].counters
+    assert last.new_tokens == sum(len(c.token_ids) for c in chunks) == 40
+    assert last.forward_passes == len(chunks)
+    assert all(len(c.provenance) == len(c.token_ids) for c in chunks)
+    assert last.accepted_guesses == sum(p == "ppd" for c in chunks for p in c.provenance)
+    assert last.tau == pytest.approx(40 / last.forward_passes)
+    assert last.tokens_per_s > 0 and last.peak_memory_mb > 0
+    plain = list(engine.generate([{"role": "user", "content": prompts[2]}], Settings(max_new_tokens=40, ppd=False)))
+    assert plain[-1].counters.tau == 1.0
+    assert all(p == "model" for c in plain for p in c.provenance)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_gives_clear_errors_and_engine_stays_usable(engine: Engine, lm, tmp_path):
+    with pytest.raises(InputError, match="empty"):
+        list(engine.generate([{"role": "user", "content": "   "}]))
+    with pytest.raises(InputError, match="context"):
+        list(engine.generate([{"role": "user", "content": "word " * (engine.max_context + 10)}]))
+    with pytest.raises(ModelError, match="not found"):
+        load_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(ModelError, match="not a Hugging Face model folder"):
+        load_model(str(tmp_path))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=576, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=9, num_key_value_heads=3))
+    PromptTokens.init_for(other, 3).save(tmp_path / "other.safetensors", base_model="tiny-llama")
+    with pytest.raises(PromptTokenError, match="another model"):
+        PromptTokens.load(tmp_path / "other.safetensors", lm.model)
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(PromptTokenError, match="not a valid"):
+        PromptTokens.load(tmp_path / "corrupt.safetensors", lm.model)
+    out = run(engine, "Say hi.", Settings(max_new_tokens=8))
+    assert len(out) > 0

@@ -1,0 +1,150 @@
+"""Fast tests: tree specs, buffers, the builder, and the engine on a tiny random Llama (no download)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ppd_core.engine import Engine, Settings, _Detokenizer
+from ppd_core.models import LoadedModel
+from ppd_core.prompt_tokens import PromptTokens
+from ppd_core.tree import (
+    TreeBuffers,
+    TreeSpec,
+    build_tree,
+    default_tree,
+    expected_tokens_per_step,
+    plain_spec,
+    stationary,
+)
+
+
+def test_spec_json_round_trip_and_validation():
+    spec = default_tree(3, 16)
+    assert TreeSpec.from_json(spec.to_json()) == spec
+    raw = json.loads(spec.to_json())
+    raw["trees"]["1"].append([[5, 5], 0])  # deeper than d=1 allows and without a parent
+    with pytest.raises(ValueError):
+        TreeSpec.from_json(json.dumps(raw))
+
+
+def test_buffers_mask_positions_and_prompt_rows():
+    # root -> a -> b, root -> c; the root carries 2 prompt tokens with 2 virtual tokens each, b carries 1
+    buf = TreeBuffers.build(parents=[-1, 0, 1, 0], cand_index=[0, 1, 11, 2], attached=[2, 0, 1, 0], n_virtual=2)
+    assert buf.n_nodes == 4 and buf.size == 4 + 2 * 2 + 1 * 2
+    assert buf.offsets.tolist()[:4] == [0, 1, 2, 1]
+    assert buf.path(2).tolist() == [0, 1, 2]
+    # candidates never see prompt tokens, nor nodes off their path
+    assert not buf.allow[:4, 4:].any()
+    assert buf.allow[2].tolist()[:4] == [True, True, True, False]
+    assert buf.allow[3].tolist()[:4] == [True, False, False, True]
+    rows = buf.prompt_rows[0]  # [2 prompt tokens, 2 virtual]
+    assert rows.shape == (2, 2)
+    # prompt token j of the root sits at offset j+1; virtual v of token 2 sees virtual v of token 1 only
+    assert buf.offsets[rows[0]].tolist() == [1, 1] and buf.offsets[rows[1]].tolist() == [2, 2]
+    r2v0, r1v0, r1v1 = rows[1, 0], rows[0, 0], rows[0, 1]
+    assert buf.allow[r2v0, r1v0] and not buf.allow[r2v0, r1v1]
+    assert buf.prompt_source[rows[1, 1] - 4].item() == 1 * 2 + 1
+    # the prompt token on b sees b's path (root, a, b) but not c
+    b_row = buf.prompt_rows[2][0, 0]
+    assert buf.allow[b_row].tolist()[:4] == [True, True, True, False]
+    assert buf.offsets[b_row].item() == 3
+
+
+def test_stationary_distribution_solves_the_chain():
+    p = np.array([[0.5, 0.5], [0.2, 0.8]])
+    pi = stationary(p)
+    assert np.allclose(pi @ p, pi) and np.isclose(pi.sum(), 1)
+    assert np.allclose(pi, [2 / 7, 5 / 7])
+
+
+def test_builder_prefers_likely_paths_and_respects_the_budget():
+    acc = np.array([[0.6, 0.1] + [0.01] * 8, [0.4, 0.1] + [0.01] * 8, [0.3, 0.1] + [0.01] * 8])
+    for budget in (4, 8, 16, 32):
+        spec = build_tree(acc, budget)
+        spec.validate()
+        assert spec.budget <= budget
+    small, big = build_tree(acc, 4), build_tree(acc, 32)
+    assert expected_tokens_per_step(big, acc) > expected_tokens_per_step(small, acc) > 1.0
+    assert ((0,), 0) in small.trees[1] or any(p == (0,) for p, _ in small.trees[1])
+    assert expected_tokens_per_step(plain_spec(3), acc) == 1.0
+
+
+def test_detokenizer_holds_back_a_possible_stop_string():
+    class CharTok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    det = _Detokenizer(CharTok(), ("END",))
+    sent = ""
+    for ch in "abcEN":
+        assert not det.add(ord(ch))
+        sent += det.flush(False)
+    assert sent == "abc"  # "EN" may start "END"
+    assert det.add(ord("D"))
+    sent += det.flush(True)
+    assert sent == "abc"
+
+
+# ---------------------------------------------------------------- tiny model engine
+
+class _Tok:
+    """Just enough tokenizer for the engine: ids are characters."""
+    eos_token_id = 0
+    chat_template = "tiny"
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return [1 + (ord(c) % 60) for m in messages for c in m["content"]]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    return LoadedModel(model, _Tok(), "tiny", torch.device("cpu"), torch.float32, "sdpa", None, 0.0)
+
+
+@pytest.mark.parametrize("n_virtual", [1, 2])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_tiny_model_ppd_equals_plain(tiny: LoadedModel, n_virtual: int, penalty: float):
+    pt = PromptTokens.init_for(tiny.model, 3, n_virtual, how="random")
+    acc = np.array([[0.5, 0.2] + [0.05] * 8] * 3)
+    engine = Engine(tiny, pt, build_tree(acc, 12))
+    for text in ["hello world", "abcabcabc", "the quick brown fox"]:
+        msgs = [{"role": "user", "content": text}]
+        plain = [t for c in engine.generate(msgs, Settings(max_new_tokens=40, ppd=False, repetition_penalty=penalty))
+                 for t in c.token_ids]
+        ppd = [t for c in engine.generate(msgs, Settings(max_new_tokens=40, repetition_penalty=penalty))
+               for t in c.token_ids]
+        assert ppd == plain and len(plain) >= 10
+
+
+def test_tiny_model_deep_acceptance_with_right_guesses(tiny: LoadedModel):
+    """Guesses copied from the plain output are accepted several deep and the output stays the same."""
+    pt = PromptTokens.init_for(tiny.model, 3, how="random")
+    engine = Engine(tiny, pt, build_tree(np.array([[0.9, 0.05] + [0.001] * 8] * 3), 16))
+    msgs = [{"role": "user", "content": "deep acceptance"}]
+    plain = [t for c in engine.generate(msgs, Settings(max_new_tokens=60, ppd=False)) for t in c.token_ids]
+    full = engine.encode(msgs) + plain
+
+    def guesser(ids: list[int], d: int, k: int) -> torch.Tensor:
+        out = torch.full((d, k), 63)
+        for j in range(d):
+            if len(ids) + j < len(full):
+                out[j, 0] = full[len(ids) + j]
+        return out
+
+    chunks = list(engine.generate(msgs, Settings(max_new_tokens=60), guesser=guesser))
+    assert [t for c in chunks for t in c.token_ids] == plain
+    assert chunks[-1].counters.tau > 2.5
+    assert max(len(c.token_ids) for c in chunks) == 4  # root + 3 accepted guesses
