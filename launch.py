@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench_args(bench)
 
+    calibrate = sub.add_parser("calibrate", help="measure and cache the best tree for this machine")
+    add_model_args(calibrate)
+    from ppd_core.calibrate import add_calibrate_args
+
+    add_calibrate_args(calibrate)
+
     train = sub.add_parser("train", help="train prompt tokens for a model by self-distillation")
     add_model_args(train)
     evaluate = sub.add_parser("eval-tokens", help="accuracy of prompt tokens per depth and rank, on held-out prompts")
@@ -55,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             from ppd_core.bench import run_bench
 
             return run_bench(args)
+        if args.command == "calibrate":
+            from ppd_core.calibrate import run_calibrate
+
+            return run_calibrate(args)
         if args.command == "train":
             from ppd_core.train import run_train
 

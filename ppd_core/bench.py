@@ -35,6 +35,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repetition-penalty", type=float, default=1.1, help="the chat's default (deterministic)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--tree-size", type=int, default=None,
+                   help="use a tree of this budget built from the measured accuracies instead of the calibrated one")
     p.add_argument("--json", default=None, help="write the results here (and resume from <json>.partial.jsonl)")
 
 
@@ -188,7 +190,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}", file=sys.stderr)
         return 2
-    engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree)
+    engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree,
+                          tree_size=args.tree_size)
     prompts = load_prompt_file(args.prompts, args.limit)
     settings = Settings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     partial = Path(args.json + ".partial.jsonl") if args.json else None

@@ -108,6 +108,7 @@ class Engine:
         self.dtype = lm.model.get_input_embeddings().weight.dtype
         self.max_context = int(getattr(lm.model.config, "max_position_embeddings", 2048))
         self.eos_ids = self._eos_ids()
+        self.calibration: dict | None = None  # the calibration report when the tree came from calibration
         n = prompt_tokens.n_tokens if prompt_tokens is not None else 0
         self.set_tree(tree if tree is not None else plain_spec(n))
         self._plain = TreeBuffers.from_spec(plain_spec(0), 0, device=self.device)

@@ -8,7 +8,7 @@ from pathlib import Path
 from .engine import Engine
 from .models import DEFAULT_MODEL, load_model
 from .prompt_tokens import PromptTokens
-from .tree import TreeSpec, default_tree
+from .tree import TreeSpec, build_tree, default_tree, plain_spec
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -20,12 +20,17 @@ def shipped_prompt_tokens(model_name: str) -> Path | None:
 
 def build_engine(model: str | None = None, dtype: str = "auto", device: str = "auto",
                  quantization: str | None = None, prompt_tokens: str | None = None,
-                 tree: str | TreeSpec | None = None) -> Engine:
+                 tree: str | TreeSpec | None = None, *, calibrated: bool = True, recalibrate: bool = False,
+                 tree_size: int | None = None) -> Engine:
     """The engine the app, the benchmark and the tests use.
 
     Prompt tokens: the given file, else the ones shipped in assets/ for this model, else fresh
     (mean-embedding) tokens, which make PPD correct but not yet faster.
+    Tree: the given spec file; else a tree of `tree_size` rows built from the measured accuracies;
+    else the calibrated tree for this machine (measured once, then cached).
     """
+    from .calibrate import CALIBRATION_PROMPTS, accuracy_table, calibrate
+
     lm = load_model(model, dtype=dtype, device=device, quantization=quantization)
     path = Path(prompt_tokens) if prompt_tokens else shipped_prompt_tokens(model or DEFAULT_MODEL)
     if path is not None:
@@ -34,5 +39,14 @@ def build_engine(model: str | None = None, dtype: str = "auto", device: str = "a
         print(f"[ppd] no trained prompt tokens for {lm.name}; using untrained ones "
               "(train them with `python launch.py train`)", file=sys.stderr)
         pt = PromptTokens.init_for(lm.model, 3, how="mean")
-    spec = TreeSpec.load(tree) if isinstance(tree, str) else tree
-    return Engine(lm, pt, spec or default_tree(pt.n_tokens))
+    engine = Engine(lm, pt, default_tree(pt.n_tokens))
+    if isinstance(tree, TreeSpec | str):
+        engine.set_tree(TreeSpec.load(tree) if isinstance(tree, str) else tree)
+    elif tree_size is not None:
+        acc = accuracy_table(engine, CALIBRATION_PROMPTS)
+        engine.set_tree(build_tree(acc, tree_size) if tree_size > 0 else plain_spec(pt.n_tokens))
+    elif calibrated:
+        cal = calibrate(engine, recalibrate=recalibrate)
+        engine.set_tree(cal.tree)
+        engine.calibration = cal.report
+    return engine

@@ -110,8 +110,13 @@ def stationary(transitions: np.ndarray) -> np.ndarray:
     return pi / pi.sum()
 
 
-def expected_tokens_per_step(spec: TreeSpec, acc: np.ndarray) -> float:
-    """Tokens per forward pass in steady state: 1 + sum_d pi_d * E[accepted | tree d]."""
+def steady_state(spec: TreeSpec, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pi, value): how often each tree d is active in the long run, and E[accepted guesses | tree d].
+
+    Which tree runs next depends on how many prompt tokens ride on the node where verification
+    stops, so the active d follows a Markov chain whose transition d -> k sums the stop
+    probabilities of the nodes carrying k prompt tokens.
+    """
     n = spec.n_tokens
     value = np.zeros(n + 1)
     trans = np.zeros((n + 1, n + 1))
@@ -121,7 +126,19 @@ def expected_tokens_per_step(spec: TreeSpec, acc: np.ndarray) -> float:
         attached = dict(nodes)
         for p, q in _stop_probs(paths).items():
             trans[d, attached[p]] += q
-    return 1.0 + float(stationary(trans) @ value)
+    return stationary(trans), value
+
+
+def expected_tokens_per_step(spec: TreeSpec, acc: np.ndarray) -> float:
+    """Tokens per forward pass in steady state: 1 + sum_d pi_d * E[accepted | tree d]."""
+    pi, value = steady_state(spec, acc)
+    return 1.0 + float(pi @ value)
+
+
+def tree_rows(spec: TreeSpec, d: int, n_virtual: int = 1) -> int:
+    """Rows of tree d in one forward: nodes + attached prompt tokens (x m virtual each)."""
+    nodes = spec.trees[d]
+    return len(nodes) + n_virtual * sum(n for _, n in nodes)
 
 
 def build_tree(acc: np.ndarray, budget: int, n_tokens: int | None = None) -> TreeSpec:

@@ -36,3 +36,37 @@ def engine(lm):
     path = shipped_prompt_tokens(lm.name)
     pt = PromptTokens.load(path, lm.model) if path else PromptTokens.init_for(lm.model, 3)
     return Engine(lm, pt, default_tree(pt.n_tokens))
+
+
+class TinyTokenizer:
+    """Just enough tokenizer for the engine: a character per token."""
+    eos_token_id = 0
+    chat_template = "tiny"
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return [1 + (ord(c) % 60) for m in messages for c in m["content"]]
+
+
+def make_tiny(dtype=None):
+    """A tiny random Llama through the stock class: fast engine tests without the real model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ppd_core.models import LoadedModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.generation_config.eos_token_id = None
+    return LoadedModel(model, TinyTokenizer(), "tiny", torch.device("cpu"), model.dtype, "sdpa", None, 0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return make_tiny()

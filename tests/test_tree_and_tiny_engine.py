@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ppd_core.engine import Engine, Settings, _Detokenizer
 from ppd_core.models import LoadedModel
@@ -91,28 +90,6 @@ def test_detokenizer_holds_back_a_possible_stop_string():
 
 
 # ---------------------------------------------------------------- tiny model engine
-
-class _Tok:
-    """Just enough tokenizer for the engine: ids are characters."""
-    eos_token_id = 0
-    chat_template = "tiny"
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + i % 26) for i in ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        return [1 + (ord(c) % 60) for m in messages for c in m["content"]]
-
-
-@pytest.fixture(scope="module")
-def tiny() -> LoadedModel:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
-    model.generation_config.eos_token_id = None
-    return LoadedModel(model, _Tok(), "tiny", torch.device("cpu"), torch.float32, "sdpa", None, 0.0)
-
 
 @pytest.mark.parametrize("n_virtual", [1, 2])
 @pytest.mark.parametrize("penalty", [1.0, 1.3])

@@ -1,0 +1,266 @@
+"""Hardware-aware calibration: which tree gives the most tokens per second on *this* machine.
+
+Stage 1 (accuracy, hardware-independent): how often each rank of each prompt token is right, on
+training prompts -> A[d][r]; the builder turns A and a row budget B into a tree and predicts its
+tokens per step tau(B).
+Stage 2 (hardware): the latency of one forward of T rows on this device, dtype and context
+lengths, timed interleaved with medians; latency(B) weights each tree d by how often it runs.
+B* = argmax tau(B) / latency(B). The result is cached per (hardware fingerprint, model, prompt-token
+weights, dtype, library versions) and reused until one of them changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from .engine import Engine
+from .hardware import Hardware, detect
+from .models import cache_dir
+from .prompt_tokens import model_signature
+from .runtime import ASSETS
+from .tree import TreeBuffers, TreeSpec, build_tree, plain_spec, steady_state, tree_rows
+
+BUDGETS = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CONTEXTS = (128, 512)
+CALIBRATION_VERSION = 1
+# 24 prompts drawn from the training set (AlpacaEval CC BY-NC 4.0, GSM8K MIT), shipped so that a fresh
+# install can calibrate; never the dev prompts the benchmark measures on
+CALIBRATION_PROMPTS = ASSETS / "calibration_prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    tree: TreeSpec
+    report: dict  # {"fingerprint", "cached", "seconds", "b_star", "curve": [...], ...}
+
+
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recalibrate", action="store_true", help="ignore the cached result and measure again")
+    p.add_argument("--json", default=None, help="write the calibration report here")
+    p.add_argument("--plot", default=None, help="write a PNG of tau, latency and tokens/s against B")
+    p.add_argument("--prompts", default=str(CALIBRATION_PROMPTS), help="calibration prompts (training set, never dev)")
+
+
+def _say(msg: str) -> None:
+    print(f"[ppd] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_key(engine: Engine, hw: Hardware) -> dict:
+    pt = engine.prompt_tokens
+    return {"version": CALIBRATION_VERSION, "fingerprint": hw.fingerprint, "model": model_signature(engine.model),
+            "prompt_tokens": pt.weights_hash() if pt is not None else None, "dtype": str(engine.dtype),
+            "device": engine.device.type, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def cache_path(key: dict, root: Path | None = None) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return (root or cache_dir() / "calibration") / f"{digest}.json"
+
+
+def load_cached(path: Path, key: dict) -> Calibration | None:
+    """A cached calibration for exactly this key, or None (missing, corrupt or foreign files are not trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data["key"] != key:
+            raise ValueError("made for another configuration")
+        tree = TreeSpec.from_json(json.dumps(data["tree"]))
+        report = {**data["report"], "cached": True}
+        return Calibration(tree, report)
+    except (ValueError, KeyError, TypeError) as exc:
+        _say(f"calibration cache {path} is unusable ({exc}); calibrating again")
+        return None
+
+
+# ---------------------------------------------------------------- stage 1
+
+def accuracy_table(engine: Engine, prompts_file: Path, n_prompts: int = 24, max_new_tokens: int = 96,
+                   root: Path | None = None) -> np.ndarray:
+    """A[d][r] for the engine's prompt tokens, measured on training prompts (cached: hardware-independent)."""
+    from .train import measure_accuracy
+
+    pt = engine.prompt_tokens
+    key = json.dumps([model_signature(engine.model), pt.weights_hash(), str(engine.dtype), str(prompts_file),
+                      n_prompts, max_new_tokens, engine.tree.top_k])
+    path = (root or cache_dir() / "calibration") / f"accuracy-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
+    if path.is_file():
+        try:
+            return np.load(path)
+        except (ValueError, OSError):
+            _say(f"accuracy cache {path} is unusable; measuring again")
+    rows = [json.loads(line) for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    rng = random.Random(0)
+    prompts = [r["turns"][0] for r in rng.sample(rows, min(n_prompts, len(rows)))]
+    acc = measure_accuracy(engine, pt, prompts, max_new_tokens=max_new_tokens, top_k=engine.tree.top_k,
+                           batch_size=4, cache_path=path.with_suffix(".replies.jsonl"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, acc)
+    return acc
+
+
+# ---------------------------------------------------------------- stage 2
+
+def device_sync(device: torch.device):
+    """A function that waits for the device to finish queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+@torch.inference_mode()
+def time_forwards(engine: Engine, rows: list[int], contexts: tuple[int, ...] = CONTEXTS, repeats: int = 7,
+                  progress: bool = True) -> dict[tuple[int, int], float]:
+    """Median seconds of one forward of T rows on a cache of c tokens, for every (T, c).
+
+    Runs interleaved in a shuffled order each round so that drifting machine load spreads over
+    all sizes instead of biasing one of them.
+    """
+    gen = torch.Generator().manual_seed(0)
+    vocab = engine.model.config.vocab_size
+    caches = {}
+    for c in contexts:
+        cache = DynamicCache(config=engine.model.config)
+        engine.model(input_ids=torch.randint(0, vocab, (1, c), generator=gen).to(engine.device),
+                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+        caches[c] = cache
+    bufs = {t: TreeBuffers.build([-1] + [0] * (t - 1), list(range(t)), [0] * t, device=engine.device) for t in rows}
+    embeds = engine.model.get_input_embeddings()(torch.randint(0, vocab, (max(rows),), generator=gen)
+                                                 .to(engine.device))
+    sync = device_sync(engine.device)
+    samples: dict[tuple[int, int], list[float]] = {(t, c): [] for t in rows for c in contexts}
+    order = list(samples)
+    rng = random.Random(0)
+    bar = tqdm(total=(repeats + 1) * len(order), desc="timing tree sizes", unit="fwd", disable=not progress,
+               file=sys.stderr)
+    for rep in range(repeats + 1):  # round 0 is warm-up
+        rng.shuffle(order)
+        for t, c in order:
+            cache = caches[c]
+            sync()
+            start = time.perf_counter()
+            engine._forward(cache, embeds[:t], bufs[t], c)
+            sync()  # CUDA runs asynchronously: without this we would time the kernel launches only
+            elapsed = time.perf_counter() - start
+            cache.crop(c - cache.get_seq_length())
+            if rep:
+                samples[(t, c)].append(elapsed)
+            bar.update()
+    bar.close()
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def choose_tree(acc: np.ndarray, latency: dict[tuple[int, int], float], budgets: tuple[int, ...] = BUDGETS,
+                n_virtual: int = 1) -> tuple[list[dict], dict[int, TreeSpec]]:
+    """The curve over B (B = 0 is plain decoding) and the tree of every B."""
+    contexts = sorted({c for _, c in latency})
+
+    def step_latency(t: int) -> float:
+        return float(np.mean([latency[(max(t, 1), c)] for c in contexts]))
+
+    curve = [{"b": 0, "tau": 1.0, "latency_ms": step_latency(1) * 1e3, "tokens_per_s": 1.0 / step_latency(1)}]
+    trees = {0: plain_spec(acc.shape[0])}
+    for b in budgets:
+        spec = build_tree(acc, b)
+        pi, value = steady_state(spec, acc)
+        lat = float(sum(pi[d] * step_latency(tree_rows(spec, d, n_virtual)) for d in spec.trees))
+        tau = 1.0 + float(pi @ value)
+        curve.append({"b": b, "tau": tau, "latency_ms": lat * 1e3, "tokens_per_s": tau / lat})
+        trees[b] = spec
+    return curve, trees
+
+
+def calibrate(engine: Engine, *, recalibrate: bool = False, prompts_file: Path = CALIBRATION_PROMPTS,
+              budgets: tuple[int, ...] = BUDGETS, root: Path | None = None, progress: bool = True,
+              hardware: Hardware | None = None, accuracy: np.ndarray | None = None, repeats: int = 7) -> Calibration:
+    """The best tree for this engine on this machine: from the cache, or measured now (and cached)."""
+    start = time.perf_counter()
+    hw = hardware or detect()
+    key = cache_key(engine, hw)
+    path = cache_path(key, root)
+    if not recalibrate and (cached := load_cached(path, key)) is not None:
+        cached.report["seconds"] = round(time.perf_counter() - start, 3)
+        return cached
+    if engine.prompt_tokens is None:
+        raise ValueError("calibration needs prompt tokens")
+    _say(f"calibrating the PPD tree for {hw.describe()}, {str(engine.dtype).removeprefix('torch.')} "
+         "(once for this machine; cached afterwards)")
+    acc = accuracy if accuracy is not None else accuracy_table(engine, prompts_file, root=root)
+    m = engine.prompt_tokens.n_virtual
+    rows = sorted({1} | {tree_rows(build_tree(acc, b), d, m) for b in budgets for d in range(acc.shape[0] + 1)})
+    latency = time_forwards(engine, rows, repeats=repeats, progress=progress)
+    curve, trees = choose_tree(acc, latency, budgets, m)
+    best = max(curve, key=lambda r: r["tokens_per_s"])
+    tree = trees[best["b"]]
+    if best["b"] == 0:  # PPD does not pay here: a tree without guesses still runs, at plain speed
+        tree = plain_spec(acc.shape[0])
+    report = {"fingerprint": hw.fingerprint, "hardware": hw.as_dict(), "cached": False,
+              "seconds": round(time.perf_counter() - start, 1), "b_star": best["b"], "curve": curve,
+              "accuracy": acc.round(5).tolist(), "dtype": key["dtype"], "model": engine.lm.name}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "tree": json.loads(tree.to_json()), "report": report}))
+    tmp.replace(path)
+    return Calibration(tree, report)
+
+
+def plot_curve(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report["curve"]
+    b = [r["b"] for r in curve]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, field, label in zip(axes, ("tau", "latency_ms", "tokens_per_s"),
+                                ("tokens per step (tau)", "step latency (ms)", "tokens/s (predicted)"), strict=True):
+        ax.plot(b, [r[field] for r in curve], marker="o")
+        ax.axvline(report["b_star"], color="tab:red", linestyle="--", label=f"B* = {report['b_star']}")
+        ax.set_xlabel("tree budget B (rows besides the root)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[2].legend()
+    fig.suptitle(f"{report.get('model', '')} on {report['hardware']['description']}, {report.get('dtype', '')}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curve_table(report: dict) -> str:
+    lines = ["|   B | tau  | latency ms | tokens/s |", "|---|---|---|---|"]
+    for r in report["curve"]:
+        star = " *" if r["b"] == report["b_star"] else ""
+        lines.append(f"| {r['b']:3d}{star} | {r['tau']:.3f} | {r['latency_ms']:.1f} | {r['tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from .runtime import build_engine
+
+    engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens,
+                          calibrated=False)
+    cal = calibrate(engine, recalibrate=args.recalibrate, prompts_file=Path(args.prompts))
+    print(curve_table(cal.report))
+    print(f"\nB* = {cal.report['b_star']} ({'cached' if cal.report['cached'] else 'measured'}; "
+          f"fingerprint {cal.report['fingerprint']}, {cal.report['seconds']} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(cal.report, indent=2))
+    if args.plot:
+        plot_curve(cal.report, args.plot)
+    return 0
