@@ -21,6 +21,18 @@ mark.ppd-guess { background: #fde68a; color: inherit; border-radius: 3px; paddin
 """
 
 
+def preload_matplotlib() -> None:
+    """Gradio imports matplotlib lazily around every event to switch its backend; two events starting at
+    once can race on that first import and fail one of them (seen in tests: AttributeError
+    '_original_backend'). Importing it once before serving avoids the race."""
+    try:
+        import matplotlib
+
+        matplotlib.get_backend()
+    except ImportError:
+        pass
+
+
 @dataclass(frozen=True)
 class ChatDefaults:
     max_new_tokens: int = 256
@@ -33,6 +45,7 @@ class ChatDefaults:
 def build_ui(engine: Engine, defaults: ChatDefaults | None = None) -> gr.Blocks:
     """The app, ready to `.launch()` (the caller picks host, port, share and auth)."""
     d = defaults or ChatDefaults()
+    preload_matplotlib()
     h = ChatHandlers(engine)
     first = figures(engine, None, d.ppd, MemoryPeaks())
     engine_event = {"concurrency_id": ENGINE_SLOT, "concurrency_limit": 1}
