@@ -22,8 +22,7 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ppd", action="store_true", help="start with PPD switched off (plain greedy decoding)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="default reply length limit (default 256)")
     p.add_argument("--recalibrate", action="store_true",
-                   help="re-measure the best tree for this machine (accepted but not implemented yet: "
-                        "the built-in tree is used)")
+                   help="measure the best tree for this machine again instead of using the cached choice")
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -68,12 +67,11 @@ def launch_ui(demo: gr.Blocks, host: str, port: int | None, share: bool, auth: t
 def run_chat(args: argparse.Namespace) -> int:
     from ppd_core.runtime import build_engine
 
-    if args.recalibrate:
-        print("[ppd] --recalibrate: tree calibration is not implemented yet; using the built-in tree", flush=True)
     auth = parse_auth(args.auth)  # checked before the slow model load
-    print("[ppd] loading the model and prompt tokens (the first run prepares the default model, "
-          "which takes a minute)…", flush=True)
-    engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree)
+    print("[ppd] loading the model and prompt tokens; the first run also prepares the default model "
+          "and calibrates the tree for this machine, which takes several minutes…", flush=True)
+    engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree,
+                          recalibrate=args.recalibrate)
     print(f"[ppd] model ready: {engine.lm.name} on {engine.lm.device} ({engine.lm.dtype}), "
           f"tree of {engine.tree.budget} nodes; starting the web app…", flush=True)
     defaults = ChatDefaults(max_new_tokens=args.max_new_tokens, ppd=not args.no_ppd)

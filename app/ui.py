@@ -8,6 +8,7 @@ import gradio as gr
 
 from ppd_core.engine import Engine
 
+from .calibration_view import calibration_plot, calibration_summary
 from .conversation import Conversation
 from .figures import MemoryPeaks, figures, figures_markdown
 from .handlers import ChatHandlers
@@ -93,8 +94,12 @@ def build_ui(engine: Engine, defaults: ChatDefaults | None = None) -> gr.Blocks:
                                         placeholder="Empty: the model's own default system prompt")
                     max_new = gr.Slider(1, 2048, value=d.max_new_tokens, step=1, label="Max new tokens")
                     rep = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.01, label="Repetition penalty")
-                    gr.Markdown("Decoding is greedy (deterministic, so PPD is exactly lossless). "
-                                "Calibration of the tree for this machine: not run yet (built-in tree).")
+                    gr.Markdown("Decoding is greedy (deterministic, so PPD is exactly lossless).")
+                with gr.Accordion("Calibration", open=False):
+                    gr.Markdown(calibration_summary(engine), elem_id="calibration")
+                    plot = calibration_plot(engine)
+                    if plot:
+                        gr.Image(plot, show_label=False, interactive=False)
 
         chat_outputs = [message, chatbot, figures_md, figures_json, conv, peaks]
         send_evt = gr.on([send_btn.click, message.submit], h.send,

@@ -335,3 +335,18 @@ def test_a_disconnected_client_frees_the_engine(engine):
         assert message_text(result[1][-1]) == expected_reply(engine, [{"role": "user", "content": "Say yes."}], 8)
     finally:
         demo.close()
+
+
+def test_calibration_view_shows_the_chosen_tree():
+    from types import SimpleNamespace
+
+    from app.calibration_view import calibration_plot, calibration_summary
+
+    assert "built-in" in calibration_summary(SimpleNamespace())
+    curve = [{"b": b, "tau": 1 + b / 20, "latency_ms": 60 + b, "tokens_per_s": 15 + b / 4} for b in (0, 4, 8)]
+    report = {"b_star": 8, "cached": True, "fingerprint": "abc", "curve": curve,
+              "hardware": {"description": "test cpu"}}
+    engine = SimpleNamespace(calibration=report)
+    assert "B\\* = 8" in calibration_summary(engine) and "cached" in calibration_summary(engine)
+    plot = calibration_plot(engine)
+    assert plot is None or plot.endswith(".png")

@@ -55,5 +55,13 @@ def test_browser_chat_streams_reply_and_figures(app_url):
             assert "acceptance length" in figures.inner_text() and "tokens/s" in figures.inner_text()
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # the side-by-side tab runs both modes and says whether the texts are identical
+            page.get_by_role("tab", name="Side by side").click()
+            page.locator("#sbs-prompt textarea").fill("Name two planets.")
+            page.locator("#sbs-run").click()
+            summary = page.locator("#sbs-summary")
+            expect(summary).to_contain_text("identical text: yes", timeout=300_000)
+            expect(summary).to_contain_text("speed-up")
         finally:
             browser.close()
