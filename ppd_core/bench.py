@@ -5,6 +5,8 @@ Modes run interleaved per prompt (rotating order, so drift in machine load sprea
 - hf_prompt_lookup: `model.generate(prompt_lookup_num_tokens=10)` (transformers' n-gram speculation)
 - plain:            the engine with PPD off
 - ppd:              the engine with PPD on
+- ngram:            the engine with guesses copied from the context only
+- ppd_ngram:        both sources in one tree (the chat's default)
 tokens/s is end to end (prefill + decoding) for every mode so that all are measured the same way.
 Per-prompt results are appended to `<json>.partial.jsonl`, so an interrupted run resumes.
 """
@@ -26,7 +28,9 @@ from tqdm import tqdm
 
 from .engine import Engine, Settings
 
-MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd")
+MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram")
+ENGINE_MODES = {"plain": (False, False), "ppd": (True, False), "ngram": (False, True), "ppd_ngram": (True, True)}
+DEFAULT_MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ppd_ngram")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +38,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repetition-penalty", type=float, default=1.1, help="the chat's default (deterministic)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--tree-size", type=int, default=None,
                    help="use a tree of this budget built from the measured accuracies instead of the calibrated one")
     p.add_argument("--json", default=None, help="write the results here (and resume from <json>.partial.jsonl)")
@@ -94,8 +98,9 @@ def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings) -> d
             decode_s, passes = None, None
         else:
             out, last = [], None
+            ppd, ngram = ENGINE_MODES[mode]
             for chunk in engine.generate(prompt_ids=ids, settings=Settings(
-                    max_new_tokens=settings.max_new_tokens, ppd=mode == "ppd",
+                    max_new_tokens=settings.max_new_tokens, ppd=ppd, ngram=ngram,
                     repetition_penalty=settings.repetition_penalty)):
                 out += chunk.token_ids
                 last = chunk.counters

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .models import LoadedModel
+from .ngram import MAX_CHAIN, NgramIndex, NgramStats, merge_chain
 from .prompt_tokens import PromptTokens
 from .tree import TreeBuffers, TreeSpec, plain_spec
 
@@ -35,7 +36,8 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     max_new_tokens: int = 256
-    ppd: bool = True
+    ppd: bool = True  # guesses from the trained prompt tokens
+    ngram: bool = False  # guesses copied from the context (prompt, earlier turns, the reply so far)
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
 
@@ -51,7 +53,8 @@ class Counters:
     """Running figures of one generation; the UI and the benchmark read these."""
     new_tokens: int = 0
     forward_passes: int = 0  # decoding forwards; the prefill of all but the last prompt token is separate
-    accepted_guesses: int = 0
+    accepted_guesses: int = 0  # tokens that came from accepted guesses (any source)
+    accepted_ngram: int = 0  # of which guessed by the n-gram source
     prompt_tokens: int = 0
     prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the session cache)
     prefill_s: float = 0.0
@@ -75,7 +78,8 @@ class Counters:
 class Chunk:
     text: str  # new text since the last chunk
     token_ids: list[int]
-    provenance: list[str]  # per token: "model" (verified root) or "ppd" (accepted guess)
+    provenance: list[str]  # per token: "model" (the model's own next token) or the source of an
+    # accepted guess: "ppd" (prompt tokens) or "ngram" (copied from the context)
     counters: Counters
     finish_reason: str | None = None  # "eos", "stop", "length" on the last chunk
 
@@ -85,9 +89,10 @@ class Session:
     """A conversation's KV cache, reused by its next turn. Not shared between threads."""
     cache: DynamicCache | None = None
     cached_ids: list[int] = field(default_factory=list)  # tokens whose keys/values are in `cache`
+    ngram_stats: NgramStats = field(default_factory=NgramStats)  # how well context guesses do here
 
     def reset(self) -> None:
-        self.cache, self.cached_ids = None, []
+        self.cache, self.cached_ids, self.ngram_stats = None, [], NgramStats()
 
 
 # Overrides the candidate tokens: (committed ids incl. root, d, top_k) -> LongTensor [d, top_k].
@@ -185,9 +190,8 @@ class Engine:
         penalised = torch.where(logits < 0, logits * p, logits / p)
         return torch.where(mask, penalised, logits)
 
-    def _step(self, state: _State, settings: Settings, guesser: Guesser | None
-              ) -> tuple[list[int], int]:
-        """One forward: returns (tokens emitted: accepted guesses + next root, number of guesses)."""
+    def _step(self, state: _State, settings: Settings, guesser: Guesser | None) -> tuple[list[int], list[str]]:
+        """One forward: returns the tokens it emits (accepted guesses + next root) and their provenance."""
         pl = state.prompt_logits
         use_ppd = settings.ppd and self.prompt_tokens is not None
         d = pl.shape[0] if (use_ppd and pl is not None) else 0
@@ -198,6 +202,9 @@ class Engine:
             guesses = guesser([*state.ids, state.root], d, k) if guesser else torch.topk(pl, k, dim=-1).indices
             table.append(guesses.reshape(-1).to(self.device))
         node_tokens = torch.cat(table)[buf.cand_index]
+        from_chain, chain_nodes = [False] * buf.n_nodes, []
+        if state.ngram is not None:
+            buf, node_tokens, from_chain, chain_nodes = self._add_ngram_chain(state, buf, node_tokens)
         embeds = self.model.get_input_embeddings()(node_tokens)
         if buf.prompt_source.numel():
             embeds = torch.cat([embeds, self.prompt_tokens.embeddings[buf.prompt_source].to(embeds.dtype)])
@@ -215,16 +222,46 @@ class Engine:
         best = int(torch.argmax(torch.where(path_ok, buf.depth, -1)))
         path = buf.path(best)
 
-        # commit: keep the cache rows of the accepted path, drop the rest of the tree
-        keep = past + path
-        for layer in state.cache.layers:
-            layer.keys = torch.cat([layer.keys[..., :past, :], layer.keys[..., keep, :]], dim=-2)
-            layer.values = torch.cat([layer.values[..., :past, :], layer.values[..., keep, :]], dim=-2)
+        self._commit(state.cache, past, path, logits.shape[0])
 
         rows = buf.prompt_rows[best]
         state.prompt_logits = logits[rows].float().mean(1) if (use_ppd and rows.numel()) else None
-        accepted = node_tokens[path[1:]].tolist()
-        return accepted + [int(pred[best])], len(accepted)
+        accepted = path[1:].tolist()
+        if chain_nodes:
+            state.ngram_stats.update(len(chain_nodes), len(set(accepted) & set(chain_nodes)))
+        provenance = ["ngram" if from_chain[i] else "ppd" for i in accepted] + ["model"]
+        return node_tokens[path[1:]].tolist() + [int(pred[best])], provenance
+
+    def _add_ngram_chain(self, state: _State, buf: TreeBuffers, node_tokens: torch.Tensor
+                         ) -> tuple[TreeBuffers, torch.Tensor, list[bool], list[int]]:
+        """Hang the context's continuation guess from the root of this step's tree (shared prefixes merged)."""
+        avail, match = state.ngram.continuation(MAX_CHAIN)
+        chain = avail[: state.ngram_stats.chain_length(len(avail), match)]
+        if not chain:
+            return buf, node_tokens, [False] * buf.n_nodes, []
+        parents, tokens, attached, from_chain = merge_chain(buf.parents.tolist(), node_tokens.tolist(),
+                                                            buf.attached, chain)
+        m = self.prompt_tokens.n_virtual if self.prompt_tokens is not None else 1
+        merged = TreeBuffers.build(parents, list(range(len(tokens))), attached, m, self.device)
+        # the chain's own nodes (shared or new), root excluded, in depth order
+        chain_nodes, cur = [], 0
+        for tok in chain:
+            cur = next(i for i in range(1, len(tokens)) if parents[i] == cur and tokens[i] == tok)
+            chain_nodes.append(cur)
+        return merged, torch.tensor(tokens, device=self.device), from_chain, chain_nodes
+
+    @staticmethod
+    def _commit(cache: DynamicCache, past: int, path: torch.Tensor, rows: int) -> None:
+        """Keep the cache entries of the accepted path (moved next to the prefix), drop the rest."""
+        n = path.shape[0]
+        if n == rows and n == 1:  # plain step: the one new entry is already in place
+            return
+        keep = past + path
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                kv = getattr(layer, name)
+                kv[..., past:past + n, :] = kv[..., keep, :]  # the gather copies before writing
+                setattr(layer, name, kv[..., : past + n, :])
 
     # ------------------------------------------------------------------ the API
 
@@ -252,16 +289,22 @@ class Engine:
         counters = Counters(prompt_tokens=len(ids))
         t0 = time.perf_counter()
         state = self._prefill(ids, session, counters)
+        state.ngram_stats = session.ngram_stats
+        if settings.ngram:
+            state.ngram = NgramIndex()
+            state.ngram.extend(ids)
         counters.prefill_s = time.perf_counter() - t0
         detok = _Detokenizer(self.tokenizer, settings.stop)
         finish = None
         try:
             while finish is None:
                 t = time.perf_counter()
-                new, n_guessed = self._step(state, settings, guesser)
+                new, sources = self._step(state, settings, guesser)
                 counters.forward_passes += 1
+                if state.ngram is not None:
+                    state.ngram.extend(new)
                 out_ids, prov = [], []
-                for i, tok in enumerate(new):
+                for tok, source in zip(new, sources, strict=True):
                     state.ids.append(state.root)  # the old root is now committed context
                     state.root = tok
                     state.seen[tok] = True
@@ -269,7 +312,7 @@ class Engine:
                         finish = "eos"
                         break
                     out_ids.append(tok)
-                    prov.append("ppd" if i < n_guessed else "model")
+                    prov.append(source)
                     if detok.add(tok):
                         finish = "stop"
                         break
@@ -278,6 +321,7 @@ class Engine:
                         break
                 counters.new_tokens += len(out_ids)
                 counters.accepted_guesses += sum(p != "model" for p in prov)
+                counters.accepted_ngram += sum(p == "ngram" for p in prov)
                 session.cached_ids = state.ids[: state.cache.get_seq_length()]
                 counters.peak_memory_mb = max(counters.peak_memory_mb, _peak_memory_mb(self.device))
                 counters.decode_s += time.perf_counter() - t
@@ -321,6 +365,8 @@ class _State:
     cache: DynamicCache
     seen: torch.Tensor  # [V] bool: tokens in ids + root, for the repetition penalty
     prompt_logits: torch.Tensor | None  # [d, V] guesses for the tokens after the root
+    ngram: NgramIndex | None = None  # the context (ids + root), indexed for continuation guesses
+    ngram_stats: NgramStats | None = None
 
 
 class _Detokenizer:

@@ -218,6 +218,7 @@ class TreeBuffers:
     prompt_rows: list[torch.Tensor]  # per node: [n_attached, m] rows whose logits give next guesses
     allow: torch.Tensor  # [T, T] bool: row may attend to column
     offsets: torch.Tensor  # [T] position relative to the root
+    attached: list[int]  # per node: prompt tokens riding on it
 
     @property
     def n_nodes(self) -> int:
@@ -267,6 +268,7 @@ class TreeBuffers:
             prompt_rows=[r.to(device) for r in prompt_rows],
             allow=allow.to(device),
             offsets=offsets.to(device),
+            attached=list(attached),
         )
 
     @classmethod

@@ -125,3 +125,19 @@ def test_tiny_model_deep_acceptance_with_right_guesses(tiny: LoadedModel):
     assert [t for c in chunks for t in c.token_ids] == plain
     assert chunks[-1].counters.tau > 2.5
     assert max(len(c.token_ids) for c in chunks) == 4  # root + 3 accepted guesses
+
+
+@pytest.mark.parametrize("ppd", [False, True])
+def test_tiny_model_ngram_guesses_are_lossless(tiny: LoadedModel, ppd: bool):
+    """A random tiny model loops, so the context source has plenty to copy; output must not change."""
+    pt = PromptTokens.init_for(tiny.model, 3, how="random")
+    engine = Engine(tiny, pt, build_tree(np.array([[0.5, 0.2] + [0.05] * 8] * 3), 12))
+    for text in ["abcabcabcabc", "the quick brown fox jumps over the quick brown dog"]:
+        msgs = [{"role": "user", "content": text}]
+        plain = [t for c in engine.generate(msgs, Settings(max_new_tokens=60, ppd=False, repetition_penalty=1.0))
+                 for t in c.token_ids]
+        chunks = list(engine.generate(msgs, Settings(max_new_tokens=60, ppd=ppd, ngram=True)))
+        assert [t for c in chunks for t in c.token_ids] == plain
+        assert all(p in ("model", "ppd", "ngram") for c in chunks for p in c.provenance)
+        if not ppd:
+            assert all(p != "ppd" for c in chunks for p in c.provenance)
