@@ -32,7 +32,7 @@ class TokenPieces:
             text = tokenizer.decode(self.ids, skip_special_tokens=True)
             if text.endswith("\ufffd"):
                 continue  # unfinished character: wait for the next token
-            kind = "ppd" if all(p == "ppd" for p in self.pending) else "model"
+            kind = "ppd" if all(p != "model" for p in self.pending) else "model"  # any accepted guess
             self.pieces.append((text[len(self.decoded):], kind))
             self.decoded, self.pending = text, []
 

@@ -38,6 +38,7 @@ def figures(engine: Engine, counters: Counters | None, ppd: bool, peaks: MemoryP
     c = counters or Counters()
     return {"ppd": ppd, "tokens_per_s": round(c.tokens_per_s, 2), "tau": round(c.tau, 3),
             "forward_passes": c.forward_passes, "new_tokens": c.new_tokens, "accepted_guesses": c.accepted_guesses,
+            "accepted_ngram": c.accepted_ngram,
             "prefill_tokens": c.prefill_tokens, "prompt_tokens": c.prompt_tokens,
             "prefill_s": round(c.prefill_s, 3), "peak_memory_mb": round(c.peak_memory_mb, 1),
             "runtime_memory_overhead": peaks.runtime_overhead, **hardware_facts(engine)}
@@ -54,6 +55,8 @@ def figures_markdown(f: dict, status: str = "") -> str:
         ("tokens/s", f"**{f['tokens_per_s']:.1f}**"),
         ("acceptance length", f"**{f['tau']:.2f}** tokens / forward pass"),
         ("forward passes", f"{f['forward_passes']} for {f['new_tokens']} new tokens"),
+        ("accepted guesses", f"{f['accepted_guesses'] - f['accepted_ngram']} from prompt tokens, "
+                             f"{f['accepted_ngram']} copied from the context"),
         ("prefill", f"{f['prefill_tokens']} of {f['prompt_tokens']} prompt tokens computed "
                     f"(rest reused from the cache), {f['prefill_s']:.2f} s"),
         ("memory: parameters", _pct(f["parameter_overhead"], 4)),

@@ -17,7 +17,9 @@ from .figures import MemoryPeaks, comparison, comparison_markdown, figures, figu
 
 def decoding_settings(max_new_tokens: float, repetition_penalty: float, ppd: bool) -> Settings:
     """UI values -> engine Settings (greedy; sampling settings join here once the engine has them)."""
-    return Settings(max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty), ppd=bool(ppd))
+    # "PPD on" = every guess source in one tree (prompt tokens + context n-grams); off = plain decoding
+    return Settings(max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty), ppd=bool(ppd),
+                    ngram=bool(ppd))
 
 
 def panel_html(turn: Turn, highlight: bool) -> str:
