@@ -520,6 +520,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--budgets", default="8,16,32", help="tree sizes whose expected acceptance length is reported")
     p.add_argument("--tau-prompts", type=int, default=10, help="prompts for the real tau run (0 = skip)")
+    p.add_argument("--tau-trees", default="built-16", help="comma-separated trees for the real tau run "
+                   "(default = the engine's built-in tree, built-B = tree built from the measured accuracy)")
     p.add_argument("--tau-max-new-tokens", type=int, default=128)
     p.add_argument("--gen-batch-size", type=int, default=16)
     p.add_argument("--work-dir", default=None, help="replies cache (default: user cache)")
@@ -596,9 +598,7 @@ def run_eval_tokens(args: argparse.Namespace) -> int:
     print("expected acceptance length (tokens per forward): "
           + ", ".join(f"{k} {v:.3f}" for k, v in result["expected_tau"].items()))
     if args.tau_prompts:
-        tau_trees = {"default": trees["default"]}
-        if "built-16" in trees:
-            tau_trees["built-16"] = trees["built-16"]
+        tau_trees = {name: trees[name] for name in args.tau_trees.split(",") if name in trees}
         result["measured_tau"] = {}
         for name, spec in tau_trees.items():
             engine = Engine(lm, pt, spec)
