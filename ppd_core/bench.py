@@ -26,7 +26,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from .engine import Engine, Settings
+from .engine import Engine, Session, Settings
 
 MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram")
 ENGINE_MODES = {"plain": (False, False), "ppd": (True, False), "ngram": (False, True), "ppd_ngram": (True, True)}
@@ -52,6 +52,14 @@ class ModeTotals:
     decode_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     outputs: list[list[int]] = field(default_factory=list)
+
+    def add(self, r: dict) -> None:
+        self.new_tokens += len(r["tokens"])
+        self.seconds += r["seconds"]
+        self.decode_seconds += r["decode_seconds"] or 0.0
+        self.forward_passes += r["forward_passes"] or 0
+        self.peak_memory_mb = max(self.peak_memory_mb, r["peak_memory_mb"])
+        self.outputs.append(r["tokens"])
 
     def summary(self) -> dict:
         return {"tokens_per_s": self.new_tokens / self.seconds if self.seconds else 0.0,
@@ -89,7 +97,8 @@ class PeakMemory:
             self._thread.join()
 
 
-def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings) -> dict:
+def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings, session: Session | None = None
+             ) -> dict:
     """One prompt in one mode -> {tokens, seconds, decode_seconds, forward_passes, peak_memory_mb}."""
     with PeakMemory(engine.device) as mem:
         start = time.perf_counter()
@@ -99,7 +108,7 @@ def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings) -> d
         else:
             out, last = [], None
             ppd, ngram = ENGINE_MODES[mode]
-            for chunk in engine.generate(prompt_ids=ids, settings=Settings(
+            for chunk in engine.generate(prompt_ids=ids, session=session, settings=Settings(
                     max_new_tokens=settings.max_new_tokens, ppd=ppd, ngram=ngram,
                     repetition_penalty=settings.repetition_penalty)):
                 out += chunk.token_ids
@@ -108,6 +117,18 @@ def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings) -> d
         seconds = time.perf_counter() - start
     return {"tokens": out, "seconds": seconds, "decode_seconds": decode_s, "forward_passes": passes,
             "peak_memory_mb": mem.peak}
+
+
+def run_conversation(engine: Engine, mode: str, turns: list[str], settings: Settings) -> list[dict]:
+    """Every user turn in order, each asked after the model's own previous reply (one KV session)."""
+    session, messages, results = Session(), [], []
+    for user in turns:
+        messages.append({"role": "user", "content": user})
+        result = run_mode(engine, mode, engine.encode(messages), settings, session)
+        messages.append({"role": "assistant", "content": engine.tokenizer.decode(result["tokens"],
+                                                                                skip_special_tokens=True)})
+        results.append(result)
+    return results
 
 
 def _hf_generate(engine: Engine, ids: list[int], settings: Settings, lookup: bool) -> list[int]:
@@ -144,24 +165,20 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
     for mode in modes:
         run_mode(engine, mode, warm, Settings(max_new_tokens=8, repetition_penalty=settings.repetition_penalty))
     totals = {m: ModeTotals() for m in modes}
+    per_turn: dict[int, dict[str, ModeTotals]] = {}
     for i, row in enumerate(tqdm(prompts, desc="bench", unit="prompt")):
         pid = str(row.get("id", i))
         results = done.get(pid)
         if results is None:
-            ids = engine.encode([{"role": "user", "content": row["turns"][0]}])
             order = modes[i % len(modes):] + modes[: i % len(modes)]
-            results = {m: run_mode(engine, m, ids, settings) for m in order}
+            results = {m: run_conversation(engine, m, row["turns"], settings) for m in order}
             if partial:
                 with partial.open("a") as f:
                     f.write(json.dumps({"id": pid, "config": config, "results": results}) + "\n")
         for m in modes:
-            r, t = results[m], totals[m]
-            t.new_tokens += len(r["tokens"])
-            t.seconds += r["seconds"]
-            t.decode_seconds += r["decode_seconds"] or 0.0
-            t.forward_passes += r["forward_passes"] or 0
-            t.peak_memory_mb = max(t.peak_memory_mb, r["peak_memory_mb"])
-            t.outputs.append(r["tokens"])
+            for k, r in enumerate(results[m]):
+                for t in (totals[m], per_turn.setdefault(k, {}).setdefault(m, ModeTotals())):
+                    t.add(r)
     plain = totals.get("plain")
     return {
         "model": engine.lm.name, "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
@@ -171,14 +188,17 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
         "parameter_overhead": engine.parameter_overhead,
         "modes": {m: t.summary() for m, t in totals.items()},
         "identical_to_plain": {m: t.outputs == plain.outputs for m, t in totals.items()} if plain else {},
+        "turns": {str(k + 1): {m: t.summary() for m, t in by_mode.items()} for k, by_mode in per_turn.items()}
+        if len(per_turn) > 1 else {},
     }
 
 
-def markdown_table(report: dict) -> str:
-    base = report["modes"].get("plain", {}).get("tokens_per_s")
+def markdown_table(report: dict, modes: dict | None = None) -> str:
+    modes = report["modes"] if modes is None else modes
+    base = modes.get("plain", {}).get("tokens_per_s")
     lines = ["| mode | tokens/s | speed-up vs plain | tau | new tokens | forward passes | peak MB | identical |",
              "|---|---|---|---|---|---|---|---|"]
-    for m, s in report["modes"].items():
+    for m, s in modes.items():
         speed = f"{s['tokens_per_s'] / base:.2f}x" if base else "-"
         tau = f"{s['tau']:.2f}" if s["tau"] else "-"
         same = report["identical_to_plain"].get(m)
@@ -206,6 +226,9 @@ def run_bench(args: argparse.Namespace) -> int:
           f"{report['prompts']} prompts from {args.prompts}, {args.max_new_tokens} new tokens max, "
           f"repetition penalty {args.repetition_penalty}, tree budget {report['tree_budget']}\n")
     print(markdown_table(report))
+    for turn, modes in report["turns"].items():
+        print(f"\nturn {turn} only:\n")
+        print(markdown_table(report, modes))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         partial.unlink(missing_ok=True)

@@ -344,6 +344,7 @@ class Engine:
             common += 1
         if cache.get_seq_length() > common:
             cache.crop(common - cache.get_seq_length())
+        session.cached_ids = ids[:common]  # true even if the prefill below is interrupted
         todo = ids[common:-1]
         for start in range(0, len(todo), PREFILL_CHUNK):
             chunk = torch.tensor([todo[start:start + PREFILL_CHUNK]], device=self.device)

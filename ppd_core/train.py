@@ -417,7 +417,7 @@ def rank_hits(model: PreTrainedModel, prompt_tokens: PromptTokens, rows: list[di
     device = model.get_input_embeddings().weight.device
     counts = np.zeros((n, top_k))
     total = 0
-    for row in rows:
+    for row in tqdm(rows, desc="scoring guesses", unit="reply", file=sys.stderr):
         ids = row["prompt_ids"] + row["reply_ids"]
         # the truth token c + N + 1 must exist (EOS counts: guessing the end is useful)
         cuts = list(range(len(row["prompt_ids"]) - 1, len(ids) - n - 1))
