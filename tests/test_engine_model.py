@@ -241,3 +241,26 @@ def test_bad_input_gives_clear_errors_and_engine_stays_usable(engine: Engine, lm
         PromptTokens.load(tmp_path / "corrupt.safetensors", lm.model)
     out = run(engine, "Say hi.", Settings(max_new_tokens=8))
     assert len(out) > 0
+
+
+# ---------------------------------------------------------------- n-gram guesses (copy-heavy chat)
+
+@pytest.mark.parametrize(("ppd", "ngram"), [(False, True), (True, True)])
+def test_ngram_guesses_equal_plain_on_copy_heavy_prompts(engine: Engine, ppd: bool, ngram: bool):
+    from ppd_core.bench import load_prompt_file
+    from ppd_core.runtime import ASSETS
+
+    rows = load_prompt_file(ASSETS / "bench" / "copy_heavy.jsonl")
+    accepted_ngram = 0
+    for row in rows[:4] + rows[14:16]:  # single-turn edits, then two-turn reworks
+        plain_session, fast_session, messages = Session(), Session(), []
+        for user in row["turns"]:
+            messages.append({"role": "user", "content": user})
+            plain = run(engine, engine.encode(messages), Settings(max_new_tokens=64, ppd=False,
+                                                                  repetition_penalty=1.1), session=plain_session)
+            chunks = list(engine.generate(messages, Settings(max_new_tokens=64, ppd=ppd, ngram=ngram,
+                                                             repetition_penalty=1.1), fast_session))
+            assert [t for c in chunks for t in c.token_ids] == plain
+            accepted_ngram += chunks[-1].counters.accepted_ngram
+            messages.append({"role": "assistant", "content": "".join(c.text for c in chunks)})
+    assert accepted_ngram > 20  # the context source really contributed
