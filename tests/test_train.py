@@ -128,18 +128,16 @@ def test_training_resumes_from_checkpoint(tiny, tmp_path):
 @pytest.mark.slow
 def test_short_training_run_learns(lm):
     """A few minutes on tiny data: the loss falls and top-1 accuracy rises over the mean-embedding init."""
-    from conftest import TRAIN_PROMPTS, load_prompts
-
-    from ppd_core.train import eos_ids, generate_replies, measure_accuracy
-
-    stop = eos_ids(lm.model, lm.tokenizer)
-    prompts = load_prompts(TRAIN_PROMPTS, 4)
     import tempfile
     from pathlib import Path
 
+    from ppd_core.train import DEFAULT_TRAIN_PROMPTS, eos_ids, generate_replies, measure_accuracy, read_prompts
+
+    stop = eos_ids(lm.model, lm.tokenizer)
+    prompts = read_prompts(DEFAULT_TRAIN_PROMPTS)[:4]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = generate_replies(lm.model, lm.tokenizer, [(str(i), p) for i, p in enumerate(prompts)],
-                                Path(tmp) / "r.jsonl", max_new_tokens=64, batch_size=4)
+        rows = generate_replies(lm.model, lm.tokenizer, prompts, Path(tmp) / "r.jsonl", max_new_tokens=64,
+                                batch_size=4)
     cfg = TrainConfig(n_tokens=3, n_virtual=1, steps=30, cuts_per_step=32, cuts_per_seq=32)
     init = PromptTokens.init_for(lm.model, 3, 1, how="mean", seed=cfg.seed)
     acc0 = measure_accuracy(lm, init, rows)
