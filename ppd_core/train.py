@@ -329,15 +329,21 @@ def checkpoint_path(work_dir: Path, out: Path, cfg: TrainConfig) -> Path:
 
 
 def train_prompt_tokens(model: PreTrainedModel, rows: list[dict], cfg: TrainConfig, stop: set[int],
-                        ckpt: Path | None = None, save_every: int = 20, progress: bool = True
-                        ) -> tuple[PromptTokens, dict]:
+                        ckpt: Path | None = None, save_every: int = 20, progress: bool = True,
+                        init_from: PromptTokens | None = None) -> tuple[PromptTokens, dict]:
     """Self-distil prompt tokens on the model's own replies `rows`. Resumes from `ckpt` if it exists.
 
     Returns the tokens and a log {"steps", "seconds", "cut_points", "history": [(step, loss, acc)]}.
     """
     device = model.get_input_embeddings().weight.device
     torch.manual_seed(cfg.seed)
-    pt = PromptTokens.init_for(model, cfg.n_tokens, cfg.n_virtual, how=cfg.init, seed=cfg.seed)
+    pt = PromptTokens.init_for(model, cfg.n_tokens, cfg.n_virtual, how="mean" if init_from else cfg.init,
+                               seed=cfg.seed)
+    if init_from is not None:  # continue training earlier tokens (same N and m)
+        if (init_from.n_tokens, init_from.n_virtual) != (cfg.n_tokens, cfg.n_virtual):
+            raise ValueError("--init-from tokens have another N or m")
+        with torch.no_grad():
+            pt.embeddings.copy_(init_from.embeddings)
     pt.embeddings.data = pt.embeddings.data.float()  # train in fp32 even on a bf16 model
     pt.embeddings.requires_grad_(True)
     opt = torch.optim.AdamW([pt.embeddings], lr=cfg.lr, weight_decay=0.0)
@@ -508,6 +514,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="replies cache and checkpoints (default: user cache)")
     p.add_argument("--train-dtype", default="model", choices=["model", "float32", "bfloat16", "float16"],
                    help="dtype of the frozen model while training (replies are always written in --dtype)")
+    p.add_argument("--init-from", default=None, help="continue from these prompt tokens instead of the mean init")
     p.add_argument("--cached-only", action="store_true",
                    help="train on the replies already cached for these --samples, without writing the rest")
 
@@ -543,12 +550,14 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(n_tokens=args.n_tokens, n_virtual=args.n_virtual, steps=args.steps,
                       time_budget=args.time_budget * 60 if args.time_budget else None,
                       cuts_per_step=args.batch_size, cuts_per_seq=args.cuts_per_seq, lr=args.lr,
-                      repetition_penalty=args.repetition_penalty, seed=args.seed, train_dtype=args.train_dtype)
+                      repetition_penalty=args.repetition_penalty, seed=args.seed, train_dtype=args.train_dtype,
+                      init="mean" if not args.init_from else f"file:{Path(args.init_from).name}")
+    init_from = PromptTokens.load(args.init_from, lm.model) if args.init_from else None
     if args.train_dtype != "model":
         lm.model.to(DTYPES[args.train_dtype])
     out = Path(args.out)
     pt, log = train_prompt_tokens(lm.model, rows, cfg, eos_ids(lm.model, lm.tokenizer),
-                                  ckpt=checkpoint_path(work, out, cfg))
+                                  ckpt=checkpoint_path(work, out, cfg), init_from=init_from)
     n_params = sum(p.numel() for p in lm.model.parameters())
     trained = {"how": cfg.variant, "data": f"{Path(args.prompts).name}: {len(rows)} replies written by the model "
                f"(greedy, repetition penalty {args.repetition_penalty}, max {args.max_new_tokens} new tokens)",
