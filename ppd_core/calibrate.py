@@ -36,6 +36,7 @@ from .tree import TreeBuffers, TreeSpec, build_tree, plain_spec, steady_state, t
 
 BUDGETS = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXTS = (128, 512)
+TIMING_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # tree sizes timed; others interpolated
 CALIBRATION_VERSION = 1
 # 24 prompts drawn from the training set (AlpacaEval CC BY-NC 4.0, GSM8K MIT), shipped so that a fresh
 # install can calibrate; never the dev prompts the benchmark measures on
@@ -157,7 +158,8 @@ def time_forwards(engine: Engine, rows: list[int], contexts: tuple[int, ...] = C
             cache = caches[c]
             sync()
             start = time.perf_counter()
-            engine._forward(cache, embeds[:t], bufs[t], c)
+            hidden = engine._forward(cache, embeds[:t], bufs[t], c)
+            engine._logits(hidden[: max(1, t // 2)])  # roughly the rows a step reads logits of
             sync()  # CUDA runs asynchronously: without this we would time the kernel launches only
             elapsed = time.perf_counter() - start
             cache.crop(c - cache.get_seq_length())
@@ -173,8 +175,10 @@ def choose_tree(acc: np.ndarray, latency: dict[tuple[int, int], float], budgets:
     """The curve over B (B = 0 is plain decoding) and the tree of every B."""
     contexts = sorted({c for _, c in latency})
 
-    def step_latency(t: int) -> float:
-        return float(np.mean([latency[(max(t, 1), c)] for c in contexts]))
+    sizes = sorted({t for t, _ in latency})
+
+    def step_latency(t: int) -> float:  # measured on a grid of sizes, interpolated in between
+        return float(np.mean([np.interp(max(t, 1), sizes, [latency[(s, c)] for s in sizes]) for c in contexts]))
 
     curve = [{"b": 0, "tau": 1.0, "latency_ms": step_latency(1) * 1e3, "tokens_per_s": 1.0 / step_latency(1)}]
     trees = {0: plain_spec(acc.shape[0])}
@@ -190,7 +194,7 @@ def choose_tree(acc: np.ndarray, latency: dict[tuple[int, int], float], budgets:
 
 def calibrate(engine: Engine, *, recalibrate: bool = False, prompts_file: Path = CALIBRATION_PROMPTS,
               budgets: tuple[int, ...] = BUDGETS, root: Path | None = None, progress: bool = True,
-              hardware: Hardware | None = None, accuracy: np.ndarray | None = None, repeats: int = 7) -> Calibration:
+              hardware: Hardware | None = None, accuracy: np.ndarray | None = None, repeats: int = 5) -> Calibration:
     """The best tree for this engine on this machine: from the cache, or measured now (and cached)."""
     start = time.perf_counter()
     hw = hardware or detect()
@@ -205,8 +209,9 @@ def calibrate(engine: Engine, *, recalibrate: bool = False, prompts_file: Path =
          "(once for this machine; cached afterwards)")
     acc = accuracy if accuracy is not None else accuracy_table(engine, prompts_file, root=root)
     m = engine.prompt_tokens.n_virtual
-    rows = sorted({1} | {tree_rows(build_tree(acc, b), d, m) for b in budgets for d in range(acc.shape[0] + 1)})
-    latency = time_forwards(engine, rows, repeats=repeats, progress=progress)
+    largest = max(tree_rows(build_tree(acc, b), d, m) for b in budgets for d in range(acc.shape[0] + 1))
+    grid = [t for t in TIMING_GRID if t < largest] + [largest]
+    latency = time_forwards(engine, grid, repeats=repeats, progress=progress)
     curve, trees = choose_tree(acc, latency, budgets, m)
     best = max(curve, key=lambda r: r["tokens_per_s"])
     tree = trees[best["b"]]

@@ -113,6 +113,8 @@ class Engine:
         self.dtype = lm.model.get_input_embeddings().weight.dtype
         self.max_context = int(getattr(lm.model.config, "max_position_embeddings", 2048))
         self.eos_ids = self._eos_ids()
+        # the decoder stack and the LM head of the stock model, called separately (see _logits)
+        self.decoder, self.head = lm.model.get_decoder(), lm.model.get_output_embeddings()
         self.calibration: dict | None = None  # the calibration report when the tree came from calibration
         n = prompt_tokens.n_tokens if prompt_tokens is not None else 0
         self.set_tree(tree if tree is not None else plain_spec(n))
@@ -154,13 +156,17 @@ class Engine:
     # ------------------------------------------------------------------ the step
 
     def _forward(self, cache: DynamicCache, embeds: torch.Tensor, buf: TreeBuffers, past: int) -> torch.Tensor:
-        """Logits of every tree row, with the rows' keys/values appended to `cache`."""
+        """Final hidden states of every tree row, with the rows' keys/values appended to `cache`.
+
+        Logits are computed afterwards, only for the rows that need them (`_logits`): the LM head
+        is the largest matrix of a small model, and most prompt-token rows are never read.
+        """
         rows = embeds.shape[0]
         positions = past + buf.offsets
         if rows == 1:  # plain step: causal attention needs no mask
-            out = self.model(inputs_embeds=embeds[None], position_ids=positions[None], past_key_values=cache,
-                             use_cache=True)
-            return out.logits[0]
+            out = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], past_key_values=cache,
+                               use_cache=True)
+            return out.last_hidden_state[0]
         allow = buf.allow
         pad = max(0, MIN_ROWS - rows)
         if pad:  # padding rows see only themselves; their cache entries are dropped at commit
@@ -170,9 +176,27 @@ class Engine:
             allow[:rows, :rows] = buf.allow
         mask = torch.zeros(1, 1, allow.shape[0], past + allow.shape[0], dtype=self.dtype, device=self.device)
         mask[0, 0, :, past:].masked_fill_(~allow, torch.finfo(self.dtype).min)
-        out = self.model(inputs_embeds=embeds[None], attention_mask=mask, position_ids=positions[None],
-                         past_key_values=cache, use_cache=True)
-        return out.logits[0, :rows]
+        out = self.decoder(inputs_embeds=embeds[None], attention_mask=mask, position_ids=positions[None],
+                           past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[0, :rows]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's LM head on some rows, in float32.
+
+        Written as W @ h^T: on CPU, MKL runs that 2-5x faster than h @ W^T for a few rows (measured:
+        49152x576 head, 4 rows: 4.3 ms vs 19.9 ms), and both modes use this same function.
+        """
+        logits = (self.head.weight @ hidden.T).T
+        if self.head.bias is not None:
+            logits = logits + self.head.bias
+        logits = logits.float()
+        cfg = self.model.config
+        if getattr(cfg, "logit_scale", None):  # Cohere
+            logits = logits * cfg.logit_scale
+        if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _process(self, logits: torch.Tensor, seen: torch.Tensor, path_tokens: torch.Tensor,
                  ancestors: torch.Tensor, settings: Settings) -> torch.Tensor:
@@ -209,10 +233,11 @@ class Engine:
         if buf.prompt_source.numel():
             embeds = torch.cat([embeds, self.prompt_tokens.embeddings[buf.prompt_source].to(embeds.dtype)])
         past = state.cache.get_seq_length()
-        logits = self._forward(state.cache, embeds, buf, past)
+        hidden = self._forward(state.cache, embeds, buf, past)
 
         n_nodes = buf.n_nodes
-        node_logits = self._process(logits[:n_nodes].float(), state.seen, node_tokens, buf.ancestors, settings)
+        node_logits = self._process(self._logits(hidden[:n_nodes]), state.seen, node_tokens, buf.ancestors,
+                                    settings)
         pred = node_logits.argmax(-1)
         ok = torch.ones(n_nodes, dtype=torch.bool, device=self.device)
         if n_nodes > 1:
@@ -222,10 +247,11 @@ class Engine:
         best = int(torch.argmax(torch.where(path_ok, buf.depth, -1)))
         path = buf.path(best)
 
-        self._commit(state.cache, past, path, logits.shape[0])
+        self._commit(state.cache, past, path, hidden.shape[0])
 
-        rows = buf.prompt_rows[best]
-        state.prompt_logits = logits[rows].float().mean(1) if (use_ppd and rows.numel()) else None
+        rows = buf.prompt_rows[best]  # [attached, m]: the next step's guesses
+        state.prompt_logits = (self._logits(hidden[rows.flatten()]).view(*rows.shape, -1).mean(1)
+                               if (use_ppd and rows.numel()) else None)
         accepted = path[1:].tolist()
         if chain_nodes:
             state.ngram_stats.update(len(chain_nodes), len(set(accepted) & set(chain_nodes)))
