@@ -137,7 +137,7 @@ def test_ppd_with_forced_guesses_equals_plain(engine: Engine, prompts: list[str]
             last = chunk.counters
         assert out == expected
         taus.append(last.tau)
-    deepest = max(len(nodes[-1][0]) for nodes in engine.tree.trees.values())
+    deepest = max(len(path) for nodes in engine.tree.trees.values() for path, _ in nodes)
     assert sum(taus) / len(taus) > (1.5 if p_right == 1.0 else 1.2)
     assert max(taus) <= deepest + 1
 
