@@ -36,6 +36,10 @@ from .tree import TreeBuffers, TreeSpec, build_tree, plain_spec, steady_state, t
 
 BUDGETS = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXTS = (128, 512)
+# The latency model times the forward only; the work around it (top-k, penalty masks, commit) is not in
+# it yet. Measured here: B* = 6 predicted 1.11x plain, the bench measured 0.82x. So a tree must be
+# predicted clearly faster before we use it.
+MIN_PREDICTED_GAIN = 1.25
 TIMING_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # tree sizes timed; others interpolated
 CALIBRATION_VERSION = 1
 # 24 prompts drawn from the training set (AlpacaEval CC BY-NC 4.0, GSM8K MIT), shipped so that a fresh
@@ -214,9 +218,9 @@ def calibrate(engine: Engine, *, recalibrate: bool = False, prompts_file: Path =
     latency = time_forwards(engine, grid, repeats=repeats, progress=progress)
     curve, trees = choose_tree(acc, latency, budgets, m)
     best = max(curve, key=lambda r: r["tokens_per_s"])
+    if best["tokens_per_s"] < MIN_PREDICTED_GAIN * curve[0]["tokens_per_s"]:
+        best = curve[0]  # too close to call: plain steps are never slower than plain decoding
     tree = trees[best["b"]]
-    if best["b"] == 0:  # PPD does not pay here: a tree without guesses still runs, at plain speed
-        tree = plain_spec(acc.shape[0])
     report = {"fingerprint": hw.fingerprint, "hardware": hw.as_dict(), "cached": False,
               "seconds": round(time.perf_counter() - start, 1), "b_star": best["b"], "curve": curve,
               "accuracy": acc.round(5).tolist(), "dtype": key["dtype"], "model": engine.lm.name}
