@@ -115,6 +115,8 @@ class Engine:
         self.eos_ids = self._eos_ids()
         # the decoder stack and the LM head of the stock model, called separately (see _logits)
         self.decoder, self.head = lm.model.get_decoder(), lm.model.get_output_embeddings()
+        self.logit_scale = getattr(lm.model.config, "logit_scale", None)  # read once, not every step
+        self.softcap = getattr(lm.model.config, "final_logit_softcapping", None)
         self.calibration: dict | None = None  # the calibration report when the tree came from calibration
         n = prompt_tokens.n_tokens if prompt_tokens is not None else 0
         self.set_tree(tree if tree is not None else plain_spec(n))
@@ -190,12 +192,10 @@ class Engine:
         if self.head.bias is not None:
             logits = logits + self.head.bias
         logits = logits.float()
-        cfg = self.model.config
-        if getattr(cfg, "logit_scale", None):  # Cohere
-            logits = logits * cfg.logit_scale
-        if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2
-            cap = cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+        if self.logit_scale:  # Cohere
+            logits = logits * self.logit_scale
+        if self.softcap:  # Gemma 2
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
     def _process(self, logits: torch.Tensor, seen: torch.Tensor, path_tokens: torch.Tensor,
