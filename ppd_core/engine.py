@@ -214,12 +214,15 @@ class Engine:
         penalised = torch.where(logits < 0, logits * p, logits / p)
         return torch.where(mask, penalised, logits)
 
-    def _step(self, state: _State, settings: Settings, guesser: Guesser | None) -> tuple[list[int], list[str]]:
-        """One forward: returns the tokens it emits (accepted guesses + next root) and their provenance."""
+    def _step(self, state: _State, settings: Settings, guesser: Guesser | None,
+              buffers: dict[int, TreeBuffers] | None = None) -> tuple[list[int], list[str]]:
+        """One forward: returns the tokens it emits (accepted guesses + next root) and their provenance.
+
+        `buffers` overrides the engine's tree (calibration times whole steps of candidate trees)."""
         pl = state.prompt_logits
         use_ppd = settings.ppd and self.prompt_tokens is not None
         d = pl.shape[0] if (use_ppd and pl is not None) else 0
-        buf = self._buffers[d] if use_ppd else self._plain
+        buf = (buffers or self._buffers)[d] if use_ppd else self._plain
         table = [torch.tensor([state.root], device=self.device)]
         if d:
             k = self.tree.top_k
@@ -233,11 +236,18 @@ class Engine:
         if buf.prompt_source.numel():
             embeds = torch.cat([embeds, self.prompt_tokens.embeddings[buf.prompt_source].to(embeds.dtype)])
         past = state.cache.get_seq_length()
-        hidden = self._forward(state.cache, embeds, buf, past)
-
         n_nodes = buf.n_nodes
-        node_logits = self._process(self._logits(hidden[:n_nodes]), state.seen, node_tokens, buf.ancestors,
-                                    settings)
+        if buf.prompt_source.numel():
+            prompt_rows = torch.arange(n_nodes, n_nodes + buf.prompt_source.numel(), device=self.device)
+            with self.prompt_tokens.steering(self.model, prompt_rows, buf.prompt_source):
+                hidden = self._forward(state.cache, embeds, buf, past)
+        else:
+            hidden = self._forward(state.cache, embeds, buf, past)
+
+        # one pass over the LM head for the nodes and every prompt-token row: the head is read from
+        # memory once (a second pass for the winning node's prompt rows cost ~10 ms here)
+        logits = self._logits(hidden)
+        node_logits = self._process(logits[:n_nodes], state.seen, node_tokens, buf.ancestors, settings)
         pred = node_logits.argmax(-1)
         ok = torch.ones(n_nodes, dtype=torch.bool, device=self.device)
         if n_nodes > 1:
@@ -250,7 +260,7 @@ class Engine:
         self._commit(state.cache, past, path, hidden.shape[0])
 
         rows = buf.prompt_rows[best]  # [attached, m]: the next step's guesses
-        state.prompt_logits = (self._logits(hidden[rows.flatten()]).view(*rows.shape, -1).mean(1)
+        state.prompt_logits = (logits[rows.flatten()].view(*rows.shape, -1).mean(1)
                                if (use_ppd and rows.numel()) else None)
         accepted = path[1:].tolist()
         if chain_nodes:

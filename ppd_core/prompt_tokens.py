@@ -3,12 +3,18 @@
 Prompt token j (1-based), appended after a token at position p, sits at position p + j and is
 trained to predict the token at p + j + 1. With m > 1 each prompt token is an ensemble of m
 virtual tokens whose logits are averaged (EPT in the PPD paper).
+
+The "deep" variant adds, per decoder layer after the first, a learned offset to each prompt
+token's hidden state (prefix-tuning in miniature): L x N x m x H more parameters, still far under
+0.1 % of the model, and no change for real tokens, which never see prompt tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,11 +41,21 @@ def model_signature(model: PreTrainedModel) -> str:
 
 
 class PromptTokens(nn.Module):
-    def __init__(self, n_tokens: int, hidden_size: int, n_virtual: int = 1, meta: dict | None = None):
+    def __init__(self, n_tokens: int, hidden_size: int, n_virtual: int = 1, meta: dict | None = None,
+                 deep_layers: int = 0):
         super().__init__()
         self.n_tokens, self.n_virtual, self.hidden_size = n_tokens, n_virtual, hidden_size
         self.embeddings = nn.Parameter(torch.zeros(n_tokens * n_virtual, hidden_size))
+        # deep variant: offsets[i] is added to the input of decoder layer i + 1 (layer 0 would only
+        # duplicate the embedding); None for plain PPD
+        self.offsets = (nn.Parameter(torch.zeros(deep_layers, n_tokens * n_virtual, hidden_size))
+                        if deep_layers else None)
         self.meta: dict = dict(meta or {})
+
+    @property
+    def variant(self) -> str:
+        name = "deep" if self.offsets is not None else "plain"
+        return name if self.n_virtual == 1 else f"{name}-ensemble-m{self.n_virtual}"
 
     def embedding(self, j: int, v: int = 0) -> torch.Tensor:
         """Embedding of virtual token v of prompt token j (both 0-based)."""
@@ -47,18 +63,46 @@ class PromptTokens(nn.Module):
 
     @property
     def num_parameters(self) -> int:
-        return self.embeddings.numel()
+        return sum(p.numel() for p in self.parameters())
 
     def weights_hash(self) -> str:
-        data = self.embeddings.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-        return hashlib.sha256(data).hexdigest()[:16]
+        h = hashlib.sha256()
+        for p in self.parameters():
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @contextmanager
+    def steering(self, model: PreTrainedModel, rows: torch.Tensor, source: torch.Tensor) -> Iterator[None]:
+        """While active, a forward of `model` adds the deep offsets to the prompt-token rows.
+
+        rows: [R] sequence positions (within this forward's input) that hold prompt tokens;
+        source: [R] their row in `embeddings`. Plain tokens and empty `rows` need no hooks.
+        """
+        if self.offsets is None or rows.numel() == 0:
+            yield
+            return
+        layers = list(model.get_decoder().layers)[1:]
+
+        def hook_for(offsets: torch.Tensor):
+            def add_offsets(module: nn.Module, args: tuple) -> tuple:
+                hidden = args[0]
+                return (hidden.index_add(1, rows, offsets[source][None].to(hidden.dtype)), *args[1:])
+            return add_offsets
+
+        handles = [layer.register_forward_pre_hook(hook_for(self.offsets[i])) for i, layer in enumerate(layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @classmethod
     def init_for(cls, model: PreTrainedModel, n_tokens: int = 3, n_virtual: int = 1, how: str = "mean",
-                 seed: int = 0) -> PromptTokens:
-        """Fresh prompt tokens for `model`: the mean token embedding (a good start) or random."""
+                 seed: int = 0, deep: bool = False) -> PromptTokens:
+        """Fresh prompt tokens for `model`: the mean token embedding (a good start) or random; zero offsets."""
         emb = model.get_input_embeddings().weight.detach().float()
-        pt = cls(n_tokens, emb.shape[1], n_virtual, meta={"init": how})
+        deep_layers = model.config.num_hidden_layers - 1 if deep else 0
+        pt = cls(n_tokens, emb.shape[1], n_virtual, meta={"init": how}, deep_layers=deep_layers)
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(pt.embeddings.shape, generator=gen) * emb.std().item()
         with torch.no_grad():
@@ -77,8 +121,9 @@ class PromptTokens(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({"embeddings": self.embeddings.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
-                  metadata={"ppd": json.dumps(meta)})
+        meta["variant"] = self.variant
+        tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self.named_parameters()}
+        save_file(tensors, str(tmp), metadata={"ppd": json.dumps(meta)})
         tmp.replace(path)
 
     @classmethod
@@ -91,6 +136,8 @@ class PromptTokens(nn.Module):
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("ppd", "{}"))
                 weights = f.get_tensor("embeddings")
+                names = list(f.keys())
+                offsets = f.get_tensor("offsets") if "offsets" in names else None
         except Exception as exc:  # safetensors raises several types on a damaged file
             raise PromptTokenError(f"{path} is not a valid prompt-token file: {exc}") from exc
         want = model_signature(model)
@@ -100,8 +147,14 @@ class PromptTokens(nn.Module):
                 f"{path.name} was made for another model (base {meta.get('base_model', 'unknown')}, "
                 f"signature {got}, hidden size {weights.shape[1]}); this model has signature {want} and "
                 f"hidden size {model.config.hidden_size}. Train tokens for it with `python launch.py train`.")
-        pt = cls(int(meta["n_tokens"]), weights.shape[1], int(meta.get("n_virtual", 1)), meta=meta)
+        if offsets is not None and offsets.shape[0] != model.config.num_hidden_layers - 1:
+            raise PromptTokenError(f"{path.name} has deep offsets for {offsets.shape[0] + 1} layers; "
+                                   f"this model has {model.config.num_hidden_layers}")
+        pt = cls(int(meta["n_tokens"]), weights.shape[1], int(meta.get("n_virtual", 1)), meta=meta,
+                 deep_layers=0 if offsets is None else offsets.shape[0])
         with torch.no_grad():
             pt.embeddings.copy_(weights)
+            if offsets is not None:
+                pt.offsets.copy_(offsets)
         emb = model.get_input_embeddings().weight
         return pt.to(device=emb.device, dtype=model.dtype)

@@ -227,8 +227,9 @@ def student_logits(model: PreTrainedModel, prompt_tokens: PromptTokens, cache: D
     allow, positions, source = student_layout(cuts, n, m, past, device)
     dtype = model.get_input_embeddings().weight.dtype
     embeds = prompt_tokens.embeddings[source].to(dtype)
-    out = model(inputs_embeds=embeds[None], attention_mask=additive_mask(allow, dtype), position_ids=positions[None],
-                past_key_values=cache, use_cache=True)
+    with prompt_tokens.steering(model, torch.arange(len(source), device=device), source):
+        out = model(inputs_embeds=embeds[None], attention_mask=additive_mask(allow, dtype),
+                    position_ids=positions[None], past_key_values=cache, use_cache=True)
     cache.crop(-(cache.get_seq_length() - past))  # crop takes the number of tokens to remove
     return out.logits[0].float().view(len(cuts), n, m, -1).mean(2)
 
@@ -247,6 +248,7 @@ def distill_loss(student: torch.Tensor, teacher_lp: torch.Tensor, decay: float =
 class TrainConfig:
     n_tokens: int = 3
     n_virtual: int = 1
+    deep: bool = False  # per-layer offsets on the prompt tokens' hidden states
     steps: int = 200
     time_budget: float | None = None  # seconds; the cosine schedule then runs on elapsed time
     cuts_per_step: int = 128
@@ -259,7 +261,8 @@ class TrainConfig:
 
     @property
     def variant(self) -> str:
-        return "plain" if self.n_virtual == 1 else f"ensemble-m{self.n_virtual}"
+        name = "deep" if self.deep else "plain"
+        return name if self.n_virtual == 1 else f"{name}-ensemble-m{self.n_virtual}"
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:12]
@@ -338,20 +341,21 @@ def train_prompt_tokens(model: PreTrainedModel, rows: list[dict], cfg: TrainConf
     device = model.get_input_embeddings().weight.device
     torch.manual_seed(cfg.seed)
     pt = PromptTokens.init_for(model, cfg.n_tokens, cfg.n_virtual, how="mean" if init_from else cfg.init,
-                               seed=cfg.seed)
-    if init_from is not None:  # continue training earlier tokens (same N and m)
+                               seed=cfg.seed, deep=cfg.deep)
+    if init_from is not None:  # continue training earlier tokens (same N and m; plain tokens may seed deep ones)
         if (init_from.n_tokens, init_from.n_virtual) != (cfg.n_tokens, cfg.n_virtual):
             raise ValueError("--init-from tokens have another N or m")
         with torch.no_grad():
             pt.embeddings.copy_(init_from.embeddings)
-    pt.embeddings.data = pt.embeddings.data.float()  # train in fp32 even on a bf16 model
-    pt.embeddings.requires_grad_(True)
-    opt = torch.optim.AdamW([pt.embeddings], lr=cfg.lr, weight_decay=0.0)
+            if init_from.offsets is not None and pt.offsets is not None:
+                pt.offsets.copy_(init_from.offsets)
+    pt.float()  # train in fp32 even on a bf16 model
+    pt.requires_grad_(True)
+    opt = torch.optim.AdamW(list(pt.parameters()), lr=cfg.lr, weight_decay=0.0)
     log: dict = {"steps": 0, "seconds": 0.0, "cut_points": 0, "history": []}
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        with torch.no_grad():
-            pt.embeddings.copy_(state["embeddings"])
+        pt.load_state_dict(state["weights"])
         opt.load_state_dict(state["optimizer"])
         log = state["log"]
     samples = make_samples(rows, cfg.n_tokens, stop, device)
@@ -363,7 +367,7 @@ def train_prompt_tokens(model: PreTrainedModel, rows: list[dict], cfg: TrainConf
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"embeddings": pt.embeddings.detach(), "optimizer": opt.state_dict(), "log": log,
+            torch.save({"weights": pt.state_dict(), "optimizer": opt.state_dict(), "log": log,
                         "config": cfg.__dict__}, tmp)
             tmp.replace(ckpt)
 
@@ -397,7 +401,7 @@ def train_prompt_tokens(model: PreTrainedModel, rows: list[dict], cfg: TrainConf
     finally:  # an interruption keeps the progress made so far
         save()
         bar.close()
-    pt.embeddings.requires_grad_(False)
+    pt.requires_grad_(False)
     return pt, log
 
 
@@ -504,6 +508,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=None, help="train for this many minutes instead of --steps")
     p.add_argument("--n-tokens", type=int, default=3, help="N prompt tokens (guesses for the tokens 2..N+1 ahead)")
     p.add_argument("--n-virtual", type=int, default=1, help="m virtual tokens per prompt token (1 = plain PPD)")
+    p.add_argument("--deep", action="store_true",
+                   help="also learn a per-layer offset of the prompt tokens' hidden states (more capacity)")
     p.add_argument("--batch-size", type=int, default=128, help="cut points per optimizer step")
     p.add_argument("--cuts-per-seq", type=int, default=64, help="cut points sharing one forward")
     p.add_argument("--lr", type=float, default=1e-2)
@@ -541,13 +547,14 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     lm = load_model(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     work = work_dir_for(args.work_dir)
-    prompts = select_prompts(read_prompts(args.prompts), args.samples, args.seed)
+    # the data sample does not follow --seed: runs with other seeds train on the same (cached) replies
+    prompts = select_prompts(read_prompts(args.prompts), args.samples, 0)
     cache = replies_cache_path(lm.model, args.prompts, args.max_new_tokens, args.repetition_penalty, work)
     t0 = time.perf_counter()
     rows = generate_replies(lm.model, lm.tokenizer, prompts, cache, args.max_new_tokens, args.repetition_penalty,
                             args.gen_batch_size, cached_only=args.cached_only)
     gen_s = time.perf_counter() - t0
-    cfg = TrainConfig(n_tokens=args.n_tokens, n_virtual=args.n_virtual, steps=args.steps,
+    cfg = TrainConfig(n_tokens=args.n_tokens, n_virtual=args.n_virtual, deep=args.deep, steps=args.steps,
                       time_budget=args.time_budget * 60 if args.time_budget else None,
                       cuts_per_step=args.batch_size, cuts_per_seq=args.cuts_per_seq, lr=args.lr,
                       repetition_penalty=args.repetition_penalty, seed=args.seed, train_dtype=args.train_dtype,

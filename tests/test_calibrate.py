@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ppd_core import calibrate as cal
-from ppd_core.engine import Engine
+from ppd_core.engine import Engine, Settings
 from ppd_core.hardware import Hardware, cpu_model_and_flags, detect, nvml_gpus
 from ppd_core.prompt_tokens import PromptTokens
 from ppd_core.tree import default_tree, tree_rows
@@ -81,18 +81,36 @@ def test_cuda_timing_synchronises(monkeypatch):
 
 # ---------------------------------------------------------------- choosing B
 
-def test_choose_tree_picks_the_best_tokens_per_second():
-    latency = {}
-    for t in range(1, 300):
-        for c in cal.CONTEXTS:
-            latency[(t, c)] = 0.040 + 0.0015 * max(t - 4, 0)  # flat up to 4 rows, then rising
-    curve, trees = cal.choose_tree(ACC, latency, budgets=(2, 4, 8, 16, 32, 64))
+def test_predicted_curve_picks_the_best_tokens_per_second():
+    trees = cal.candidate_trees(ACC, budgets=(2, 4, 8, 16, 32, 64))
+    latency = {}  # flat up to 4 rows, then rising
+    for b, spec in trees.items():
+        for d in spec.trees:
+            for c in cal.CONTEXTS:
+                latency[(b, d, c)] = 0.040 + 0.0015 * max(tree_rows(spec, d) - 4, 0)
+    curve = cal.predict_curve(ACC, trees, latency)
     best = max(curve, key=lambda r: r["tokens_per_s"])
     assert curve[0]["b"] == 0 and curve[0]["tau"] == 1.0
     assert 0 < best["b"] < 64  # a big tree costs more than it earns, no tree earns nothing
     assert all(r["tokens_per_s"] == pytest.approx(r["tau"] / (r["latency_ms"] / 1e3)) for r in curve)
+    assert [r["tau"] for r in curve] == sorted(r["tau"] for r in curve)  # more rows never guess worse
     for b, spec in trees.items():
         assert all(tree_rows(spec, d) - 1 <= max(b, 0) for d in spec.trees)
+
+
+def test_step_timing_covers_every_tree_and_leaves_the_engine_usable():
+    engine = tiny_engine()
+
+    def reply() -> list[int]:
+        return [t for chunk in engine.generate(prompt_ids=[1, 2, 3], settings=Settings(max_new_tokens=8))
+                for t in chunk.token_ids]
+
+    before = reply()
+    trees = cal.candidate_trees(ACC, budgets=(2, 4))
+    latency = cal.time_steps(engine, trees, contexts=(8, 16), repeats=1, progress=False)
+    assert set(latency) == {(0, 0, 8), (0, 0, 16)} | {(b, d, c) for b in (2, 4) for d in range(4) for c in (8, 16)}
+    assert all(v > 0 for v in latency.values())
+    assert reply() == before  # timing ran real steps on its own states, not on the engine's tree
 
 
 # ---------------------------------------------------------------- the cache
@@ -115,7 +133,7 @@ def test_second_calibration_is_cached_and_does_no_profiling(tmp_path, monkeypatc
     def no_profiling(*args, **kwargs):
         raise AssertionError("a cached calibration must not time anything")
 
-    monkeypatch.setattr(cal, "time_forwards", no_profiling)
+    monkeypatch.setattr(cal, "time_steps", no_profiling)
     second = run(engine, tmp_path)
     assert second.report["cached"] is True
     assert second.tree == first.tree and second.report["b_star"] == first.report["b_star"]

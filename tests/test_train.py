@@ -146,3 +146,59 @@ def test_short_training_run_learns(lm):
     losses = [h[1] for h in log["history"]]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     assert acc1[:, 0].sum() > acc0[:, 0].sum()
+
+
+def _deep_tokens(model, n: int, m: int, seed: int) -> PromptTokens:
+    pt = PromptTokens.init_for(model, n, m, how="random", seed=seed, deep=True)
+    with torch.no_grad():
+        pt.offsets.copy_(torch.randn(pt.offsets.shape, generator=torch.Generator().manual_seed(seed)))
+    return pt
+
+
+def test_deep_offsets_steer_only_prompt_rows(tiny):
+    """Student rows of deep tokens == a causal forward of prefix + prompt tokens with the offsets
+    added by hand at each layer's input; real tokens are untouched, and hooks are gone afterwards."""
+    n, m = 2, 1
+    pt = _deep_tokens(tiny, n, m, seed=3)
+    assert pt.offsets.shape == (tiny.config.num_hidden_layers - 1, n * m, 32)
+    ids = torch.randint(0, 97, (12,))
+    cache, _ = teacher_pass(tiny, ids)
+    got = student_logits(tiny, pt, cache, [7])[0]  # [N, V]
+    emb = tiny.get_input_embeddings()
+    x = torch.cat([emb(ids[:8]), pt.embeddings])[None]
+    layers = tiny.model.layers
+    handles = [layers[i + 1].register_forward_pre_hook(
+        lambda mod, args, i=i: (torch.cat([args[0][:, :8], args[0][:, 8:] + pt.offsets[i]], 1), *args[1:]))
+        for i in range(len(layers) - 1)]
+    want = tiny(inputs_embeds=x).logits[0, -n:]
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plain = PromptTokens.init_for(tiny, n, m, how="random", seed=3)
+    assert not torch.allclose(student_logits(tiny, plain, cache, [7])[0], got)  # the offsets do matter
+    assert all(not layer._forward_pre_hooks for layer in layers)
+
+
+def test_deep_tokens_save_load_and_hash(tiny, tmp_path):
+    pt = _deep_tokens(tiny, 3, 2, seed=4)
+    pt.save(tmp_path / "deep.safetensors", base_model="tiny")
+    back = PromptTokens.load(tmp_path / "deep.safetensors", tiny)
+    assert back.variant == "deep-ensemble-m2" and torch.equal(back.offsets, pt.offsets)
+    assert back.weights_hash() == pt.weights_hash()
+    assert back.num_parameters == 3 * 2 * 32 * tiny.config.num_hidden_layers  # embeddings + (L-1) offsets
+    with torch.no_grad():
+        back.offsets[0, 0, 0] += 1
+    assert back.weights_hash() != pt.weights_hash()
+
+
+def test_deep_training_learns_on_tiny_data(tiny, tmp_path):
+    torch.manual_seed(0)
+    rows = [{"prompt_ids": torch.randint(3, 97, (6,)).tolist(), "reply_ids": torch.randint(3, 97, (24,)).tolist()}
+            for _ in range(3)]
+    cfg = TrainConfig(n_tokens=2, deep=True, steps=40, cuts_per_step=16, cuts_per_seq=8, lr=3e-2)
+    pt, log = train_prompt_tokens(tiny, rows, cfg, {2}, ckpt=tmp_path / "d.pt", progress=False)
+    losses = [h[1] for h in log["history"]]
+    assert pt.offsets is not None and pt.offsets.abs().sum() > 0
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+    resumed, _ = train_prompt_tokens(tiny, rows, cfg, {2}, ckpt=tmp_path / "d.pt", progress=False)
+    assert torch.equal(resumed.offsets, pt.offsets)  # the finished checkpoint holds the offsets too

@@ -91,10 +91,18 @@ def test_detokenizer_holds_back_a_possible_stop_string():
 
 # ---------------------------------------------------------------- tiny model engine
 
-@pytest.mark.parametrize("n_virtual", [1, 2])
+def random_tokens(model, n_virtual: int = 1, deep: bool = False) -> PromptTokens:
+    pt = PromptTokens.init_for(model, 3, n_virtual, how="random", deep=deep)
+    if deep:
+        with torch.no_grad():
+            pt.offsets.normal_(generator=torch.Generator().manual_seed(7))
+    return pt
+
+
+@pytest.mark.parametrize("n_virtual,deep", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_tiny_model_ppd_equals_plain(tiny: LoadedModel, n_virtual: int, penalty: float):
-    pt = PromptTokens.init_for(tiny.model, 3, n_virtual, how="random")
+def test_tiny_model_ppd_equals_plain(tiny: LoadedModel, n_virtual: int, deep: bool, penalty: float):
+    pt = random_tokens(tiny.model, n_virtual, deep)
     acc = np.array([[0.5, 0.2] + [0.05] * 8] * 3)
     engine = Engine(tiny, pt, build_tree(acc, 12))
     for text in ["hello world", "abcabcabc", "the quick brown fox"]:
@@ -104,6 +112,24 @@ def test_tiny_model_ppd_equals_plain(tiny: LoadedModel, n_virtual: int, penalty:
         ppd = [t for c in engine.generate(msgs, Settings(max_new_tokens=40, repetition_penalty=penalty))
                for t in c.token_ids]
         assert ppd == plain and len(plain) >= 10
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_engine_guesses_equal_training_student(tiny: LoadedModel, deep: bool):
+    """The first step's prompt-token logits (root with N prompt tokens attached) are exactly what
+    training optimises: the student rows of one cut at the prompt's last token."""
+    from ppd_core.engine import Counters, Session
+    from ppd_core.train import student_logits, teacher_pass
+
+    pt = random_tokens(tiny.model, 2, deep)
+    engine = Engine(tiny, pt, build_tree(np.array([[0.5, 0.2] + [0.05] * 8] * 3), 12))
+    ids = engine.encode([{"role": "user", "content": "steer me"}])
+    with torch.inference_mode():
+        state = engine._prefill(ids, Session(), Counters())
+        engine._step(state, Settings(), None)
+        cache, _ = teacher_pass(tiny.model, torch.tensor(ids))
+        want = student_logits(tiny.model, pt, cache, [len(ids) - 1])[0]
+    torch.testing.assert_close(state.prompt_logits, want, atol=1e-4, rtol=1e-4)
 
 
 def test_tiny_model_deep_acceptance_with_right_guesses(tiny: LoadedModel):
