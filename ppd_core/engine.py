@@ -12,6 +12,7 @@ attached in PPD mode, which yields the first guesses).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -40,12 +41,42 @@ class Settings:
     ngram: bool = False  # guesses copied from the context (prompt, earlier turns, the reply so far)
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    # sampling: temperature 0 = greedy (deterministic); otherwise top-k, top-p and min-p apply, in
+    # that order (as in transformers), to every node's own distribution
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None  # same seed, same settings, same mode -> same reply
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         if self.repetition_penalty <= 0:
             raise InputError("repetition_penalty must be positive")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p < 1:
+            raise InputError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0 and 0 <= min_p < 1")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+
+def sampling_probs(logits: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """Processed logits [R, V] -> the sampling distribution [R, V]: temperature, top-k, top-p, min-p."""
+    logits = logits / settings.temperature
+    if settings.top_k:
+        kth = torch.topk(logits, min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # drop a token when the tokens strictly more likely already cover top_p (the first always stays)
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= settings.top_p
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    if settings.min_p > 0:
+        probs = probs.masked_fill(probs < settings.min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
 
 
 @dataclass
@@ -248,13 +279,17 @@ class Engine:
         # memory once (a second pass for the winning node's prompt rows cost ~10 ms here)
         logits = self._logits(hidden)
         node_logits = self._process(logits[:n_nodes], state.seen, node_tokens, buf.ancestors, settings)
-        pred = node_logits.argmax(-1)
-        ok = torch.ones(n_nodes, dtype=torch.bool, device=self.device)
-        if n_nodes > 1:
-            ok[1:] = node_tokens[1:] == pred[buf.parents[1:]]
-        path_ok = ~(buf.ancestors & ~ok).any(-1)
-        # deepest fully accepted node; argmax takes the first of equals
-        best = int(torch.argmax(torch.where(path_ok, buf.depth, -1)))
+        if settings.sampling:
+            best, next_token = self._verify_sampled(buf, node_tokens, node_logits, settings, state.rng)
+        else:
+            pred = node_logits.argmax(-1)
+            ok = torch.ones(n_nodes, dtype=torch.bool, device=self.device)
+            if n_nodes > 1:
+                ok[1:] = node_tokens[1:] == pred[buf.parents[1:]]
+            path_ok = ~(buf.ancestors & ~ok).any(-1)
+            # deepest fully accepted node; argmax takes the first of equals
+            best = int(torch.argmax(torch.where(path_ok, buf.depth, -1)))
+            next_token = int(pred[best])
         path = buf.path(best)
 
         self._commit(state.cache, past, path, hidden.shape[0])
@@ -266,7 +301,35 @@ class Engine:
         if chain_nodes:
             state.ngram_stats.update(len(chain_nodes), len(set(accepted) & set(chain_nodes)))
         provenance = ["ngram" if from_chain[i] else "ppd" for i in accepted] + ["model"]
-        return node_tokens[path[1:]].tolist() + [int(pred[best])], provenance
+        return node_tokens[path[1:]].tolist() + [next_token], provenance
+
+    @staticmethod
+    def _verify_sampled(buf: TreeBuffers, node_tokens: torch.Tensor, node_logits: torch.Tensor, settings: Settings,
+                        rng: torch.Generator) -> tuple[int, int]:
+        """Recursive rejection sampling down the tree: (last accepted node, the token sampled after it).
+
+        Every guess is a point-mass draft (a deterministic top-k or n-gram candidate), so child x of
+        node u is accepted with probability p_u(x); on rejection x is removed from p_u, which is
+        renormalised, and the next child is tried; when no child is accepted the next token is drawn
+        from what is left of p_u. The emitted tokens then follow exactly the distribution of plain
+        sampling (the SpecInfer / EAGLE argument), so PPD stays a pure speed switch. Only the nodes
+        the walk visits get their distribution computed.
+        """
+        parents, tokens = buf.parents.tolist(), node_tokens.tolist()
+        children: list[list[int]] = [[] for _ in parents]
+        for child, parent in enumerate(parents[1:], start=1):
+            children[parent].append(child)
+        node = 0
+        while True:
+            residual = sampling_probs(node_logits[node:node + 1], settings)[0].to("cpu", torch.float64)
+            for child in children[node]:
+                p = float(residual[tokens[child]]) / float(residual.sum())
+                if p > 0 and (p >= 1.0 or float(torch.rand((), generator=rng, dtype=torch.float64)) < p):
+                    node = child
+                    break
+                residual[tokens[child]] = 0.0
+            else:
+                return node, int(torch.multinomial(residual, 1, generator=rng))
 
     def _add_ngram_chain(self, state: _State, buf: TreeBuffers, node_tokens: torch.Tensor
                          ) -> tuple[TreeBuffers, torch.Tensor, list[bool], list[int]]:
@@ -330,6 +393,8 @@ class Engine:
             state.ngram = NgramIndex()
             state.ngram.extend(ids)
         counters.prefill_s = time.perf_counter() - t0
+        seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        state.rng = torch.Generator(device="cpu").manual_seed(seed)  # CPU: the walk draws on the host
         detok = _Detokenizer(self.tokenizer, settings.stop)
         finish = None
         try:
@@ -404,6 +469,7 @@ class _State:
     prompt_logits: torch.Tensor | None  # [d, V] guesses for the tokens after the root
     ngram: NgramIndex | None = None  # the context (ids + root), indexed for continuation guesses
     ngram_stats: NgramStats | None = None
+    rng: torch.Generator | None = None  # sampling draws, seeded per reply
 
 
 class _Detokenizer:
