@@ -14,12 +14,19 @@ from ppd_core.engine import Chunk, Engine, InputError, Settings
 from .conversation import Conversation, Turn, render_history, render_reply
 from .figures import MemoryPeaks, comparison, comparison_markdown, figures, figures_markdown
 
+GREEDY = "Deterministic (greedy)"
+# the sampling preset: PPD verifies by lossless speculative sampling, so the distribution is that of PPD off
+PRESETS: dict[str, dict] = {GREEDY: {}, "Sampling (temperature 0.7, top-p 0.9)": {"temperature": 0.7, "top_p": 0.9}}
 
-def decoding_settings(max_new_tokens: float, repetition_penalty: float, ppd: bool) -> Settings:
-    """UI values -> engine Settings (greedy; sampling settings join here once the engine has them)."""
+
+def decoding_settings(max_new_tokens: float, repetition_penalty: float, ppd: bool, decoding: str = GREEDY,
+                      seed: float | None = None) -> Settings:
+    """UI values -> engine Settings. A seed < 0 (or none) draws a fresh one per reply."""
+    if decoding not in PRESETS:
+        raise InputError(f"unknown decoding preset {decoding!r}")
     # "PPD on" = every guess source in one tree (prompt tokens + context n-grams); off = plain decoding
     return Settings(max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty), ppd=bool(ppd),
-                    ngram=bool(ppd))
+                    ngram=bool(ppd), seed=int(seed) if seed is not None and seed >= 0 else None, **PRESETS[decoding])
 
 
 def panel_html(turn: Turn, highlight: bool) -> str:
@@ -65,14 +72,15 @@ class ChatHandlers:
                 turn.finish_reason = "stopped"
 
     def send(self, message: str, system_prompt: str, max_new_tokens: float, repetition_penalty: float,
-             ppd: bool, highlight: bool, conv: Conversation, peaks: MemoryPeaks) -> Iterator[tuple]:
+             ppd: bool, highlight: bool, decoding: str, seed: float | None, conv: Conversation,
+             peaks: MemoryPeaks) -> Iterator[tuple]:
         """Send a chat message and stream the reply."""
         if not message or not message.strip():
             gr.Warning("Type a message first.")
             yield self._outputs(conv, highlight, None, ppd, peaks, "")
             return
         try:
-            settings = decoding_settings(max_new_tokens, repetition_penalty, ppd)
+            settings = decoding_settings(max_new_tokens, repetition_penalty, ppd, decoding, seed)
             settings.validate()
         except InputError as exc:
             raise gr.Error(str(exc)) from exc
@@ -80,13 +88,17 @@ class ChatHandlers:
         yield from self._stream_reply(conv, system_prompt, settings, highlight, peaks)
 
     def regenerate(self, system_prompt: str, max_new_tokens: float, repetition_penalty: float, ppd: bool,
-                   highlight: bool, conv: Conversation, peaks: MemoryPeaks) -> Iterator[tuple]:
+                   highlight: bool, decoding: str, seed: float | None, conv: Conversation,
+                   peaks: MemoryPeaks) -> Iterator[tuple]:
         """Answer the last message again (with the current settings); the cache keeps the shared prefix."""
         if not conv.turns:
             gr.Warning("Nothing to regenerate yet.")
             yield self._outputs(conv, highlight, None, ppd, peaks, "")
             return
-        settings = decoding_settings(max_new_tokens, repetition_penalty, ppd)
+        try:
+            settings = decoding_settings(max_new_tokens, repetition_penalty, ppd, decoding, seed)
+        except InputError as exc:
+            raise gr.Error(str(exc)) from exc
         yield from self._stream_reply(conv, system_prompt, settings, highlight, peaks)
 
     def clear(self, ppd: bool, conv: Conversation, peaks: MemoryPeaks) -> tuple:
@@ -99,7 +111,7 @@ class ChatHandlers:
         return render_history(conv, highlight)
 
     def side_by_side(self, prompt: str, system_prompt: str, max_new_tokens: float, repetition_penalty: float,
-                     highlight: bool, peaks: MemoryPeaks) -> Iterator[tuple]:
+                     highlight: bool, decoding: str, seed: float | None, peaks: MemoryPeaks) -> Iterator[tuple]:
         """Plain and PPD on the same prompt, stepped alternately (one chunk each in turn).
 
         On a 2-core CPU two generations running at once would fight over the cores unevenly; taking
@@ -113,15 +125,17 @@ class ChatHandlers:
         turns = {"plain": Turn(user=prompt), "ppd": Turn(user=prompt)}
         counters: dict = {"plain": None, "ppd": None}
         try:
-            gens = {mode: self.engine.generate(messages, decoding_settings(max_new_tokens, repetition_penalty,
-                                                                           mode == "ppd"))
+            both = {mode: decoding_settings(max_new_tokens, repetition_penalty, mode == "ppd", decoding, seed)
                     for mode in ("plain", "ppd")}
+            gens = {mode: self.engine.generate(messages, settings) for mode, settings in both.items()}
         except InputError as exc:  # generate() validates lazily; this only catches bad settings
             raise gr.Error(str(exc)) from exc
         done = {"plain": False, "ppd": False}
 
         def outputs(status: str) -> tuple:
-            identical = turns["plain"].reply == turns["ppd"].reply if all(done.values()) else None
+            # sampled replies differ by design (same distribution, other draws): nothing to compare
+            finished = all(done.values()) and not both["ppd"].sampling
+            identical = turns["plain"].reply == turns["ppd"].reply if finished else None
             cmp = comparison(figures(self.engine, counters["plain"], False, peaks),
                              figures(self.engine, counters["ppd"], True, peaks), identical)
             return (panel_html(turns["plain"], False), panel_html(turns["ppd"], highlight),

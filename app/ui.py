@@ -11,7 +11,7 @@ from ppd_core.engine import Engine
 from .calibration_view import calibration_plot, calibration_summary
 from .conversation import Conversation
 from .figures import MemoryPeaks, figures, figures_markdown
-from .handlers import ChatHandlers
+from .handlers import GREEDY, PRESETS, ChatHandlers
 
 # One engine, one generation at a time: every decoding event shares this concurrency slot.
 ENGINE_SLOT = "engine"
@@ -86,7 +86,7 @@ def build_ui(engine: Engine, defaults: ChatDefaults | None = None) -> gr.Blocks:
             with gr.Column(scale=2):
                 figures_md = gr.Markdown(figures_markdown(first), elem_id="figures")
                 figures_json = gr.JSON(first, visible=False)
-                ppd = gr.Checkbox(d.ppd, label="PPD on (off = plain greedy decoding, same text)", elem_id="ppd")
+                ppd = gr.Checkbox(d.ppd, label="PPD on (off = plain decoding: same text; same distribution when sampling)", elem_id="ppd")
                 highlight = gr.Checkbox(d.highlight, label="Highlight tokens from accepted guesses",
                                         elem_id="highlight")
                 with gr.Accordion("Settings", open=False):
@@ -94,7 +94,11 @@ def build_ui(engine: Engine, defaults: ChatDefaults | None = None) -> gr.Blocks:
                                         placeholder="Empty: the model's own default system prompt")
                     max_new = gr.Slider(1, 2048, value=d.max_new_tokens, step=1, label="Max new tokens")
                     rep = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.01, label="Repetition penalty")
-                    gr.Markdown("Decoding is greedy (deterministic, so PPD is exactly lossless).")
+                    decoding = gr.Radio(list(PRESETS), value=GREEDY, label="Decoding", elem_id="decoding")
+                    seed = gr.Number(-1, precision=0, label="Seed (-1 = a new one per reply)", elem_id="seed")
+                    gr.Markdown("Greedy: PPD gives exactly the same text. Sampling: PPD verifies guesses by "
+                                "lossless speculative sampling, so replies follow exactly the distribution of "
+                                "PPD off; a fixed seed makes them reproducible.")
                 with gr.Accordion("Calibration", open=False):
                     gr.Markdown(calibration_summary(engine), elem_id="calibration")
                     plot = calibration_plot(engine)
@@ -103,11 +107,11 @@ def build_ui(engine: Engine, defaults: ChatDefaults | None = None) -> gr.Blocks:
 
         chat_outputs = [message, chatbot, figures_md, figures_json, conv, peaks]
         send_evt = gr.on([send_btn.click, message.submit], h.send,
-                         [message, system, max_new, rep, ppd, highlight, conv, peaks], chat_outputs,
+                         [message, system, max_new, rep, ppd, highlight, decoding, seed, conv, peaks], chat_outputs,
                          api_name="chat", show_progress="hidden", **engine_event)
-        regen_evt = regen_btn.click(h.regenerate, [system, max_new, rep, ppd, highlight, conv, peaks], chat_outputs,
-                                    api_name="regenerate", show_progress="hidden", **engine_event)
-        sbs_evt = sbs_btn.click(h.side_by_side, [sbs_prompt, system, max_new, rep, highlight, peaks],
+        regen_evt = regen_btn.click(h.regenerate, [system, max_new, rep, ppd, highlight, decoding, seed, conv, peaks],
+                                    chat_outputs, api_name="regenerate", show_progress="hidden", **engine_event)
+        sbs_evt = sbs_btn.click(h.side_by_side, [sbs_prompt, system, max_new, rep, highlight, decoding, seed, peaks],
                                 [plain_panel, ppd_panel, sbs_summary, sbs_json, peaks],
                                 api_name="side_by_side", show_progress="minimal", **engine_event)
         stop_btn.click(None, None, None, cancels=[send_evt, regen_evt, sbs_evt], api_name="stop")

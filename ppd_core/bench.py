@@ -7,6 +7,10 @@ Modes run interleaved per prompt (rotating order, so drift in machine load sprea
 - ppd:              the engine with PPD on
 - ngram:            the engine with guesses copied from the context only
 - ppd_ngram:        both sources in one tree (the chat's default)
+- ppd_b<B>, ppd_default: PPD with a tree of budget B built from the measured accuracies, or with the
+                    built-in default tree, so that trees can be compared with the calibrated one in one run
+With --temperature > 0 every mode samples (seed per prompt = --seed + prompt index); outputs then
+differ between modes by design and "identical" is not reported.
 tokens/s is end to end (prefill + decoding) for every mode so that all are measured the same way.
 Per-prompt results are appended to `<json>.partial.jsonl`, so an interrupted run resumes.
 """
@@ -16,17 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
 import torch
 from tqdm import tqdm
 
-from .engine import Engine, Session, Settings
+from .calibrate import CALIBRATION_PROMPTS, accuracy_table
+from .engine import Engine, InputError, Session, Settings
+from .tree import TreeSpec, build_tree, default_tree
 
 MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram")
 ENGINE_MODES = {"plain": (False, False), "ppd": (True, False), "ngram": (False, True), "ppd_ngram": (True, True)}
@@ -42,6 +49,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-size", type=int, default=None,
                    help="use a tree of this budget built from the measured accuracies instead of the calibrated one")
     p.add_argument("--json", default=None, help="write the results here (and resume from <json>.partial.jsonl)")
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (lossless speculative sampling)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="base seed of the sampled modes")
 
 
 @dataclass
@@ -97,34 +109,47 @@ class PeakMemory:
             self._thread.join()
 
 
-def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings, session: Session | None = None
-             ) -> dict:
+def engine_flags(mode: str) -> tuple[bool, bool]:
+    """(ppd, ngram) of an engine mode; ppd_b<B> / ppd_default are PPD with another tree."""
+    return ENGINE_MODES.get(mode, (True, False))
+
+
+def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings, session: Session | None = None,
+             tree: TreeSpec | None = None) -> dict:
     """One prompt in one mode -> {tokens, seconds, decode_seconds, forward_passes, peak_memory_mb}."""
-    with PeakMemory(engine.device) as mem:
-        start = time.perf_counter()
-        if mode.startswith("hf_"):
-            out = _hf_generate(engine, ids, settings, lookup=mode == "hf_prompt_lookup")
-            decode_s, passes = None, None
-        else:
-            out, last = [], None
-            ppd, ngram = ENGINE_MODES[mode]
-            for chunk in engine.generate(prompt_ids=ids, session=session, settings=Settings(
-                    max_new_tokens=settings.max_new_tokens, ppd=ppd, ngram=ngram,
-                    repetition_penalty=settings.repetition_penalty)):
-                out += chunk.token_ids
-                last = chunk.counters
-            decode_s, passes = last.decode_s, last.forward_passes
-        seconds = time.perf_counter() - start
+    default_tree = engine.tree
+    if tree is not None:
+        engine.set_tree(tree)
+    try:
+        with PeakMemory(engine.device) as mem:
+            start = time.perf_counter()
+            if mode.startswith("hf_"):
+                out = _hf_generate(engine, ids, settings, lookup=mode == "hf_prompt_lookup")
+                decode_s, passes = None, None
+            else:
+                out, last = [], None
+                ppd, ngram = engine_flags(mode)
+                for chunk in engine.generate(prompt_ids=ids, session=session,
+                                             settings=replace(settings, ppd=ppd, ngram=ngram)):
+                    out += chunk.token_ids
+                    last = chunk.counters
+                decode_s, passes = last.decode_s, last.forward_passes
+            seconds = time.perf_counter() - start
+    finally:
+        if tree is not None:
+            engine.set_tree(default_tree)
     return {"tokens": out, "seconds": seconds, "decode_seconds": decode_s, "forward_passes": passes,
             "peak_memory_mb": mem.peak}
 
 
-def run_conversation(engine: Engine, mode: str, turns: list[str], settings: Settings) -> list[dict]:
+def run_conversation(engine: Engine, mode: str, turns: list[str], settings: Settings,
+                     tree: TreeSpec | None = None) -> list[dict]:
     """Every user turn in order, each asked after the model's own previous reply (one KV session)."""
     session, messages, results = Session(), [], []
-    for user in turns:
+    for k, user in enumerate(turns):
         messages.append({"role": "user", "content": user})
-        result = run_mode(engine, mode, engine.encode(messages), settings, session)
+        turn_settings = replace(settings, seed=settings.seed + k) if settings.seed is not None else settings
+        result = run_mode(engine, mode, engine.encode(messages), turn_settings, session, tree)
         messages.append({"role": "assistant", "content": engine.tokenizer.decode(result["tokens"],
                                                                                 skip_special_tokens=True)})
         results.append(result)
@@ -133,10 +158,16 @@ def run_conversation(engine: Engine, mode: str, turns: list[str], settings: Sett
 
 def _hf_generate(engine: Engine, ids: list[int], settings: Settings, lookup: bool) -> list[int]:
     inp = torch.tensor([ids], device=engine.device)
-    kwargs = {"prompt_lookup_num_tokens": 10} if lookup else {}
+    kwargs: dict = {"prompt_lookup_num_tokens": 10} if lookup else {}
+    if settings.sampling:
+        kwargs |= {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
+                   "top_k": settings.top_k or None, "min_p": settings.min_p or None}
+        torch.manual_seed(settings.seed or 0)
+    else:
+        kwargs["do_sample"] = False
     with torch.inference_mode():
         out = engine.model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=settings.max_new_tokens,
-                                    do_sample=False, repetition_penalty=settings.repetition_penalty,
+                                    repetition_penalty=settings.repetition_penalty,
                                     pad_token_id=engine.tokenizer.eos_token_id, **kwargs)
     new = out[0, len(ids):].tolist()
     while new and new[-1] in engine.eos_ids:  # the engine does not count the end-of-turn token either
@@ -150,10 +181,12 @@ def load_prompt_file(path: str | Path, limit: int | None = None) -> list[dict]:
 
 
 def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], settings: Settings,
-              partial: Path | None = None) -> dict:
-    """Run every prompt in every mode; returns the JSON report."""
+              partial: Path | None = None, trees: dict[str, TreeSpec] | None = None) -> dict:
+    """Run every prompt in every mode; returns the JSON report. `trees`: mode -> its own tree."""
+    trees = trees or {}
     config = [engine.lm.name, str(engine.dtype), engine.tree.to_json(), settings.max_new_tokens,
-              settings.repetition_penalty, list(modes)]
+              settings.repetition_penalty, settings.temperature, settings.top_p, settings.top_k, settings.min_p,
+              settings.seed, list(modes), {m: t.to_json() for m, t in trees.items()}]
     done: dict[str, dict] = {}
     if partial and partial.is_file():
         for line in partial.read_text().splitlines():
@@ -163,7 +196,7 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
     # warm-up: first-call overheads (allocator, kernels) must not land on one mode
     warm = engine.encode([{"role": "user", "content": "Hello!"}])
     for mode in modes:
-        run_mode(engine, mode, warm, Settings(max_new_tokens=8, repetition_penalty=settings.repetition_penalty))
+        run_mode(engine, mode, warm, replace(settings, max_new_tokens=8), tree=trees.get(mode))
     totals = {m: ModeTotals() for m in modes}
     per_turn: dict[int, dict[str, ModeTotals]] = {}
     for i, row in enumerate(tqdm(prompts, desc="bench", unit="prompt")):
@@ -171,7 +204,8 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
         results = done.get(pid)
         if results is None:
             order = modes[i % len(modes):] + modes[: i % len(modes)]
-            results = {m: run_conversation(engine, m, row["turns"], settings) for m in order}
+            prompt_settings = replace(settings, seed=settings.seed + 1000 * i) if settings.sampling else settings
+            results = {m: run_conversation(engine, m, row["turns"], prompt_settings, trees.get(m)) for m in order}
             if partial:
                 with partial.open("a") as f:
                     f.write(json.dumps({"id": pid, "config": config, "results": results}) + "\n")
@@ -185,9 +219,13 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
         "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores",
         "prompts": len(prompts), "max_new_tokens": settings.max_new_tokens,
         "repetition_penalty": settings.repetition_penalty, "tree_budget": engine.tree.budget,
+        "sampling": {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
+                     "min_p": settings.min_p, "seed": settings.seed} if settings.sampling else None,
+        "tree_budgets": {m: t.budget for m, t in trees.items()},
         "parameter_overhead": engine.parameter_overhead,
         "modes": {m: t.summary() for m, t in totals.items()},
-        "identical_to_plain": {m: t.outputs == plain.outputs for m, t in totals.items()} if plain else {},
+        "identical_to_plain": {m: t.outputs == plain.outputs for m, t in totals.items()}
+        if plain and not settings.sampling else {},
         "turns": {str(k + 1): {m: t.summary() for m, t in by_mode.items()} for k, by_mode in per_turn.items()}
         if len(per_turn) > 1 else {},
     }
@@ -202,8 +240,9 @@ def markdown_table(report: dict, modes: dict | None = None) -> str:
         speed = f"{s['tokens_per_s'] / base:.2f}x" if base else "-"
         tau = f"{s['tau']:.2f}" if s["tau"] else "-"
         same = report["identical_to_plain"].get(m)
+        same_text = "n/a (sampling)" if report.get("sampling") else ("yes" if same else "NO")
         lines.append(f"| {m} | {s['tokens_per_s']:.1f} | {speed} | {tau} | {s['new_tokens']} | "
-                     f"{s['forward_passes'] or '-'} | {s['peak_memory_mb']:.0f} | {'yes' if same else 'NO'} |")
+                     f"{s['forward_passes'] or '-'} | {s['peak_memory_mb']:.0f} | {same_text} |")
     return "\n".join(lines)
 
 
@@ -211,20 +250,36 @@ def run_bench(args: argparse.Namespace) -> int:
     from .runtime import build_engine
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    unknown = set(modes) - set(MODES)
+    unknown = {m for m in modes if m not in MODES and m != "ppd_default" and not re.fullmatch(r"ppd_b\d+", m)}
     if unknown:
-        print(f"error: unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}", file=sys.stderr)
+        print(f"error: unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}, ppd_default, ppd_b<B>",
+              file=sys.stderr)
         return 2
     engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree,
                           tree_size=args.tree_size)
+    trees = {}
+    for m in modes:
+        if m == "ppd_default":
+            trees[m] = default_tree(engine.prompt_tokens.n_tokens)
+        elif m.startswith("ppd_b"):
+            trees[m] = build_tree(accuracy_table(engine, CALIBRATION_PROMPTS), int(m.removeprefix("ppd_b")))
     prompts = load_prompt_file(args.prompts, args.limit)
-    settings = Settings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
+    try:
+        settings = Settings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            seed=args.seed)
+        settings.validate()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     partial = Path(args.json + ".partial.jsonl") if args.json else None
-    report = benchmark(engine, prompts, modes, settings, partial)
+    report = benchmark(engine, prompts, modes, settings, partial, trees)
     report["command"] = "python launch.py " + " ".join(sys.argv[1:])
+    sampling = f", sampling {report['sampling']}" if report["sampling"] else ", greedy"
     print(f"\nmodel {report['model']}, {report['dtype']}, {report['device']} ({report['machine']}), "
           f"{report['prompts']} prompts from {args.prompts}, {args.max_new_tokens} new tokens max, "
-          f"repetition penalty {args.repetition_penalty}, tree budget {report['tree_budget']}\n")
+          f"repetition penalty {args.repetition_penalty}{sampling}, tree budget {report['tree_budget']}"
+          f"{' ' + str(report['tree_budgets']) if report['tree_budgets'] else ''}\n")
     print(markdown_table(report))
     for turn, modes in report["turns"].items():
         print(f"\nturn {turn} only:\n")

@@ -11,6 +11,7 @@ import pytest
 from app.chat import add_chat_args, launch_ui, parse_auth, share_auth
 from app.conversation import Conversation, TokenPieces, Turn, render_reply
 from app.figures import MemoryPeaks, comparison
+from app.handlers import PRESETS
 from ppd_core.engine import Counters, Settings
 
 MAX_NEW = 24
@@ -173,6 +174,21 @@ def test_ppd_off_gives_identical_text_and_acceptance_length_one(client):
     assert off[3]["ppd"] is False and off[3]["tau"] == 1.0
     # both modes measured now, so the runtime memory overhead is a number
     assert off[3]["runtime_memory_overhead"] is not None
+
+
+@pytest.mark.slow
+def test_sampling_preset_with_a_seed_is_reproducible(client):
+    sampling = next(name for name, preset in PRESETS.items() if preset)
+    replies = []
+    for ppd, seed in ((True, 11), (True, 11), (True, 12)):
+        client.predict(True, api_name="/clear")
+        job = client.submit("Name three colours.", "", 24, REP, ppd, False, sampling, seed, api_name="/chat")
+        last = list(job)[-1]
+        assert job.exception() is None
+        assert last[3]["ppd"] is True and last[3]["new_tokens"] > 0
+        replies.append(message_text(last[1][-1]))
+    assert replies[0] == replies[1]  # same seed, same reply
+    assert replies[0] != replies[2]  # the preset really samples
 
 
 @pytest.mark.slow

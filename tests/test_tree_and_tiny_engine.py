@@ -167,3 +167,24 @@ def test_tiny_model_ngram_guesses_are_lossless(tiny: LoadedModel, ppd: bool):
         assert all(p in ("model", "ppd", "ngram") for c in chunks for p in c.provenance)
         if not ppd:
             assert all(p != "ppd" for c in chunks for p in c.provenance)
+
+
+def test_bench_compares_trees_and_sampling_modes(tiny: LoadedModel, tmp_path):
+    from ppd_core.bench import benchmark, markdown_table
+
+    pt = PromptTokens.init_for(tiny.model, 3, how="random")
+    acc = np.array([[0.5, 0.2] + [0.05] * 8] * 3)
+    engine = Engine(tiny, pt, build_tree(acc, 8))
+    prompts = [{"id": "a", "turns": ["hello there", "and again"]}, {"id": "b", "turns": ["abcabc"]}]
+    modes = ("hf_generate", "plain", "ppd", "ppd_b2", "ppd_ngram")
+    trees = {"ppd_b2": build_tree(acc, 2)}
+    report = benchmark(engine, prompts, modes, Settings(max_new_tokens=12), tmp_path / "p.jsonl", trees)
+    assert report["identical_to_plain"] == dict.fromkeys(modes, True)
+    assert report["tree_budgets"] == {"ppd_b2": trees["ppd_b2"].budget} and engine.tree.budget != 2
+    assert set(report["turns"]) == {"1", "2"} and report["modes"]["plain"]["new_tokens"] == 36
+    sampled = benchmark(engine, prompts, modes, Settings(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3),
+                        None, trees)
+    assert sampled["identical_to_plain"] == {} and sampled["sampling"]["temperature"] == 0.8
+    assert "n/a (sampling)" in markdown_table(sampled)
+    again = benchmark(engine, prompts, ("ppd",), Settings(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3))
+    assert again["modes"]["ppd"]["new_tokens"] == sampled["modes"]["ppd"]["new_tokens"]  # seeded: reproducible
