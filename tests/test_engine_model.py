@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from .conftest import DEV_PROMPTS, load_prompts
 
 pytestmark = pytest.mark.slow
 
-N_PROMPTS, N_NEW = 20, 128
+N_PROMPTS, N_NEW = 12, 128
 CHAT = Settings(max_new_tokens=N_NEW, repetition_penalty=1.1)  # the chat's deterministic default
 
 
@@ -264,3 +265,40 @@ def test_ngram_guesses_equal_plain_on_copy_heavy_prompts(engine: Engine, ppd: bo
             accepted_ngram += chunks[-1].counters.accepted_ngram
             messages.append({"role": "assistant", "content": "".join(c.text for c in chunks)})
     assert accepted_ngram > 20  # the context source really contributed
+
+
+# ---------------------------------------------------------------- sampling
+
+N_SAMPLES = 1200
+
+
+def test_ppd_sampling_matches_plain_sampling_on_the_real_model(engine: Engine):
+    """Joint distribution of the first two sampled tokens (chat preset: temperature 0.7, top-p 0.9,
+    repetition penalty 1.1), PPD on and off, each against the exact distribution enumerated with
+    transformers' processors, and against each other. The second token is where the tree's guesses
+    are verified, so acceptance and the residual draw are both exercised."""
+    from .test_sampling import ALPHA, chi_square_p, hf_probs, two_sample_p
+
+    preset = Settings(max_new_tokens=2, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+    ids = engine.encode([{"role": "user", "content": "Give me one word that describes the ocean."}])
+    exact: dict[tuple[int, ...], float] = {}
+    with torch.inference_mode():
+        p1 = hf_probs(ids, engine.model(input_ids=torch.tensor([ids])).logits[0, -1].double(), preset)
+        for t1 in p1.nonzero().flatten().tolist():
+            p2 = hf_probs(ids + [t1], engine.model(input_ids=torch.tensor([ids + [t1]])).logits[0, -1].double(),
+                          preset)
+            for t2 in p2.nonzero().flatten().tolist():
+                exact[(t1, t2)] = float(p1[t1] * p2[t2])
+    counts, accepted = {}, 0
+    for ppd in (False, True):
+        session, c = Session(), {}
+        for seed in range(N_SAMPLES):
+            chunks = list(engine.generate(prompt_ids=ids, session=session, settings=Settings(
+                **{**preset.__dict__, "ppd": ppd, "seed": seed})))
+            out = tuple(t for ch in chunks for t in ch.token_ids)
+            c[out] = c.get(out, 0) + 1
+            accepted += chunks[-1].counters.accepted_guesses if ppd else 0
+        counts[ppd] = c
+        assert chi_square_p(c, exact, N_SAMPLES) > ALPHA
+    assert accepted > N_SAMPLES // 10  # the second token often came from an accepted guess
+    assert two_sample_p(Counter(counts[False]), Counter(counts[True])) > ALPHA
