@@ -600,12 +600,12 @@ def run_eval_tokens(args: argparse.Namespace) -> int:
     acc = counts / max(1, n_cuts)
     n_params = sum(p.numel() for p in lm.model.parameters())
     result: dict = {"prompt_tokens": str(path) if path else None, "prompts": args.prompts, "n_prompts": len(rows),
-                    "cut_points": n_cuts, "n_tokens": pt.n_tokens, "n_virtual": pt.n_virtual,
+                    "cut_points": n_cuts, "n_tokens": pt.n_tokens, "n_virtual": pt.n_virtual, "variant": pt.variant,
                     "parameter_overhead": pt.num_parameters / n_params, "rank_accuracy": acc.round(5).tolist(),
                     "topk_accuracy": np.cumsum(acc, 1).round(5).tolist(), "score_seconds": 0.0}
     result["score_seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"\nprompt tokens: {path or 'untrained'} (N={pt.n_tokens}, m={pt.n_virtual}); {len(rows)} prompts, "
-          f"{n_cuts} cut points; parameter overhead {100 * result['parameter_overhead']:.4f} %")
+    print(f"\nprompt tokens: {path or 'untrained'} ({pt.variant}, N={pt.n_tokens}, m={pt.n_virtual}); "
+          f"{len(rows)} prompts, {n_cuts} cut points; parameter overhead {100 * result['parameter_overhead']:.4f} %")
     print(accuracy_table(acc))
     trees = {"default": TreeSpec.load(args.tree) if args.tree else default_tree(pt.n_tokens)}
     for b in (int(x) for x in args.budgets.split(",") if x):
