@@ -86,7 +86,8 @@ def build_ui(engine: Engine, defaults: ChatDefaults | None = None) -> gr.Blocks:
             with gr.Column(scale=2):
                 figures_md = gr.Markdown(figures_markdown(first), elem_id="figures")
                 figures_json = gr.JSON(first, visible=False)
-                ppd = gr.Checkbox(d.ppd, label="PPD on (off = plain decoding: same text; same distribution when sampling)", elem_id="ppd")
+                ppd = gr.Checkbox(d.ppd, elem_id="ppd",
+                                  label="PPD on (off = plain decoding: same text; same distribution when sampling)")
                 highlight = gr.Checkbox(d.highlight, label="Highlight tokens from accepted guesses",
                                         elem_id="highlight")
                 with gr.Accordion("Settings", open=False):
