@@ -38,7 +38,7 @@ CONTEXTS = (128, 512)
 # A tree must be predicted this much faster than plain decoding to be used: prediction errors of a few
 # per cent must not make the chat slower than PPD off.
 MIN_PREDICTED_GAIN = 1.05
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 # 24 prompts drawn from the training set (AlpacaEval CC BY-NC 4.0, GSM8K MIT), shipped so that a fresh
 # install can calibrate; never the dev prompts the benchmark measures on
 CALIBRATION_PROMPTS = ASSETS / "calibration_prompts.jsonl"

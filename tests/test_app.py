@@ -312,7 +312,10 @@ def join_chat_raw(url: str, session_hash: str, message: str, max_new: int) -> No
 
     config = httpx.get(f"{url}config").json()
     dep = next(d for d in config["dependencies"] if d.get("api_name") == "chat")
-    values = {"message": message, "system": "", "max_new": max_new, "rep": REP, "ppd": True, "highlight": False}
+    from app.handlers import GREEDY
+
+    values = {"message": message, "system": "", "max_new": max_new, "rep": REP, "ppd": True, "highlight": False,
+              "decoding": GREEDY, "seed": -1}
     components = {c["id"]: c for c in config["components"]}
     data = []
     for cid in dep["inputs"]:
