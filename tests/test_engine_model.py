@@ -275,30 +275,45 @@ N_SAMPLES = 1200
 def test_ppd_sampling_matches_plain_sampling_on_the_real_model(engine: Engine):
     """Joint distribution of the first two sampled tokens (chat preset: temperature 0.7, top-p 0.9,
     repetition penalty 1.1), PPD on and off, each against the exact distribution enumerated with
-    transformers' processors, and against each other. The second token is where the tree's guesses
-    are verified, so acceptance and the residual draw are both exercised."""
+    transformers' processors, and against each other.
+
+    PPD runs with guesses made from that exact distribution (its most likely token per position), so that
+    many draws go through acceptance and many through rejection and the residual draw: the test then has
+    power on exactly the code that could bias the distribution."""
     from .test_sampling import ALPHA, chi_square_p, hf_probs, two_sample_p
 
     preset = Settings(max_new_tokens=2, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
     ids = engine.encode([{"role": "user", "content": "Give me one word that describes the ocean."}])
     exact: dict[tuple[int, ...], float] = {}
+    p2_after: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         p1 = hf_probs(ids, engine.model(input_ids=torch.tensor([ids])).logits[0, -1].double(), preset)
         for t1 in p1.nonzero().flatten().tolist():
             p2 = hf_probs(ids + [t1], engine.model(input_ids=torch.tensor([ids + [t1]])).logits[0, -1].double(),
                           preset)
+            p2_after[t1] = p2
             for t2 in p2.nonzero().flatten().tolist():
                 exact[(t1, t2)] = float(p1[t1] * p2[t2])
-    counts, accepted = {}, 0
+
+    def guesses(p: torch.Tensor, k: int) -> torch.Tensor:  # the most likely token, then impossible ones
+        return torch.cat([p.argmax()[None], (p == 0).nonzero().flatten()[: k - 1]])
+
+    def guesser(ctx: list[int], d: int, k: int) -> torch.Tensor:
+        first = p1 if len(ctx) == len(ids) else p2_after.get(ctx[-1], p1)
+        after = p2_after.get(int(first.argmax()), p1)
+        return torch.stack([guesses(first, k)] + [guesses(after, k)] * (d - 1))[:d]
+
+    counts, with_accepted_guess = {}, 0
     for ppd in (False, True):
         session, c = Session(), {}
         for seed in range(N_SAMPLES):
-            chunks = list(engine.generate(prompt_ids=ids, session=session, settings=Settings(
-                **{**preset.__dict__, "ppd": ppd, "seed": seed})))
+            chunks = list(engine.generate(prompt_ids=ids, session=session, guesser=guesser if ppd else None,
+                                          settings=Settings(**{**preset.__dict__, "ppd": ppd, "seed": seed})))
             out = tuple(t for ch in chunks for t in ch.token_ids)
             c[out] = c.get(out, 0) + 1
-            accepted += chunks[-1].counters.accepted_guesses if ppd else 0
+            with_accepted_guess += bool(ppd and chunks[-1].counters.accepted_guesses)
         counts[ppd] = c
         assert chi_square_p(c, exact, N_SAMPLES) > ALPHA
-    assert accepted > N_SAMPLES // 10  # the second token often came from an accepted guess
+    # many PPD draws went through an accepted guess, and many through rejection and the residual draw
+    assert N_SAMPLES // 10 < with_accepted_guess < N_SAMPLES - N_SAMPLES // 10
     assert two_sample_p(Counter(counts[False]), Counter(counts[True])) > ALPHA
