@@ -91,18 +91,25 @@ def load_cached(path: Path, key: dict) -> Calibration | None:
 
 # ---------------------------------------------------------------- stage 1
 
+ACCURACY_TOP_K = 10  # ranks per depth in the accuracy table (trees choose among these)
+
+
 def accuracy_table(engine: Engine, prompts_file: Path, n_prompts: int = 16, max_new_tokens: int = 64,
-                   root: Path | None = None) -> np.ndarray:
-    """A[d][r] for the engine's prompt tokens, measured on training prompts (cached: hardware-independent)."""
+                   root: Path | None = None, top_k: int = ACCURACY_TOP_K) -> np.ndarray:
+    """A[d][r] for the engine's prompt tokens, measured on training prompts (cached: hardware-independent).
+
+    Its width is fixed, not the engine's current tree's: after a calibration that chose plain decoding
+    the tree has one rank, and a one-rank table would cap every tree built from it (a B = 64 tree came
+    out with 15 rows)."""
     from .train import measure_accuracy
 
     pt = engine.prompt_tokens
     shipped = pt.meta.get("accuracy") or {}  # measured on training prompts when the tokens were shipped
     table = np.asarray(shipped.get("table", []), dtype=float)
-    if shipped.get("weights") == pt.weights_hash() and table.shape == (pt.n_tokens, engine.tree.top_k):
+    if shipped.get("weights") == pt.weights_hash() and table.shape == (pt.n_tokens, top_k):
         return table
     key = json.dumps([model_signature(engine.model), pt.weights_hash(), str(engine.dtype), str(prompts_file),
-                      n_prompts, max_new_tokens, engine.tree.top_k])
+                      n_prompts, max_new_tokens, top_k])
     path = (root or cache_dir() / "calibration") / f"accuracy-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
     if path.is_file():
         try:
@@ -112,7 +119,7 @@ def accuracy_table(engine: Engine, prompts_file: Path, n_prompts: int = 16, max_
     rows = [json.loads(line) for line in Path(prompts_file).read_text().splitlines() if line.strip()]
     rng = random.Random(0)
     prompts = [r["turns"][0] for r in rng.sample(rows, min(n_prompts, len(rows)))]
-    acc = measure_accuracy(engine, pt, prompts, max_new_tokens=max_new_tokens, top_k=engine.tree.top_k,
+    acc = measure_accuracy(engine, pt, prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                            batch_size=4, cache_path=path.with_suffix(".replies.jsonl"))
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, acc)
