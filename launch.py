@@ -18,6 +18,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", default=None, help="tree spec JSON (default: built-in tree)")
 
 
+def run_bench_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from ppd_core.cpu_kernels import time_linears
+    from ppd_core.models import load_model
+
+    lm = load_model(args.model, args.dtype, args.device, args.quantization)
+    weights = [m.weight for m in lm.model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
+    print(f"{lm.name}, {str(lm.dtype).removeprefix('torch.')}: {len(weights)} decoder weight matrices, "
+          f"ms for all of them (best of 7)\n")
+    results = time_linears(weights)
+    print("| rows | " + " | ".join(k for k in results[0] if k != "rows") + " |")
+    print("|---" * len(results[0]) + "|")
+    for r in results:
+        print("| " + " | ".join(str(v) for v in r.values()) + " |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -49,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(train)
     add_eval_args(evaluate)
 
+    kernels = sub.add_parser("bench-kernels", help="time the model's decoder matmuls: MKL vs the CPU kernel, by rows")
+    add_model_args(kernels)
+
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["chat", *argv]
@@ -61,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             from ppd_core.bench import run_bench
 
             return run_bench(args)
+        if args.command == "bench-kernels":
+            return run_bench_kernels(args)
         if args.command == "calibrate":
             from ppd_core.calibrate import run_calibrate
 

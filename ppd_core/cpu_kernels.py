@@ -92,3 +92,32 @@ def use_small_batch_linears(model: torch.nn.Module) -> int:
             module.__class__ = SmallBatchLinear
             n += 1
     return n
+
+
+def mkl_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The MKL path of `few_rows_matmul` alone (for comparison)."""
+    rows = x.shape[0]
+    return (weight @ (torch.cat([x, x]) if rows == 1 else x).T).T[:rows].contiguous()
+
+
+def time_linears(weights: list[torch.Tensor], rows: tuple[int, ...] = (1, 2, 4, 8, 12, 16), repeats: int = 7
+                 ) -> list[dict]:
+    """Best-of-`repeats` ms to multiply every weight matrix by `rows` rows, MKL path vs kernel."""
+    import time
+
+    kernel = load_kernel()
+    paths = {"mkl_ms": mkl_matmul, **({"kernel_ms": kernel.few_rows_linear} if kernel is not None else {})}
+    out = []
+    for r in rows:
+        xs = {k: torch.randn(r, k) for k in {w.shape[1] for w in weights}}
+        row: dict = {"rows": r}
+        for name, fn in paths.items():
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for w in weights:
+                    fn(w, xs[w.shape[1]]) if name == "mkl_ms" else fn(xs[w.shape[1]], w)
+                best = min(best, time.perf_counter() - start)
+            row[name] = round(best * 1e3, 1)
+        out.append(row)
+    return out
