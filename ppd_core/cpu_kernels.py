@@ -52,12 +52,17 @@ def load_kernel() -> ModuleType | None:
 
 
 def few_rows_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T for a few rows x [R, K] -> [R, N]."""
+    """x @ weight^T for a few rows x [R, K] -> [R, N]: the kernel where it runs, else MKL's few-row path."""
     rows = x.shape[0]
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and rows <= KERNEL_MAX_ROWS
             and weight.shape[1] % 8 == 0 and weight.is_contiguous() and (kernel := load_kernel()) is not None):
         return kernel.few_rows_linear(x.contiguous(), weight)
-    # MKL: W @ x^T is 2-5x faster than x @ W^T for a few rows; one row is run as two (sgemv is slower)
+    return mkl_matmul(weight, x)
+
+
+def mkl_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """MKL's few-row path: W @ x^T is 2-5x faster than x @ W^T, and one row runs as two (sgemv is slower)."""
+    rows = x.shape[0]
     if rows == 1:
         x = torch.cat([x, x])
     return (weight @ x.T).T[:rows].contiguous()  # strided outputs would push attention off its fast kernel
@@ -94,19 +99,15 @@ def use_small_batch_linears(model: torch.nn.Module) -> int:
     return n
 
 
-def mkl_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The MKL path of `few_rows_matmul` alone (for comparison)."""
-    rows = x.shape[0]
-    return (weight @ (torch.cat([x, x]) if rows == 1 else x).T).T[:rows].contiguous()
-
-
 def time_linears(weights: list[torch.Tensor], rows: tuple[int, ...] = (1, 2, 4, 8, 12, 16), repeats: int = 7
                  ) -> list[dict]:
     """Best-of-`repeats` ms to multiply every weight matrix by `rows` rows, MKL path vs kernel."""
     import time
 
     kernel = load_kernel()
-    paths = {"mkl_ms": mkl_matmul, **({"kernel_ms": kernel.few_rows_linear} if kernel is not None else {})}
+    paths = {"mkl_ms": mkl_matmul}
+    if kernel is not None:
+        paths["kernel_ms"] = lambda w, x: kernel.few_rows_linear(x, w)
     out = []
     for r in rows:
         xs = {k: torch.randn(r, k) for k in {w.shape[1] for w in weights}}
@@ -116,7 +117,7 @@ def time_linears(weights: list[torch.Tensor], rows: tuple[int, ...] = (1, 2, 4, 
             for _ in range(repeats):
                 start = time.perf_counter()
                 for w in weights:
-                    fn(w, xs[w.shape[1]]) if name == "mkl_ms" else fn(xs[w.shape[1]], w)
+                    fn(w, xs[w.shape[1]])
                 best = min(best, time.perf_counter() - start)
             row[name] = round(best * 1e3, 1)
         out.append(row)

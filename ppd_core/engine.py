@@ -322,17 +322,19 @@ class Engine:
             probs = sampling_probs(node_logits[node:node + 1], settings)[0]
             # work on the support only (top-p / top-k leave a few dozen tokens of 49k): drawing from the
             # whole vocabulary cost ~1.2 ms per node
-            support = probs.nonzero().flatten().cpu()
-            residual = probs[support.to(probs.device)].to("cpu", torch.float64)
-            where = {int(t): i for i, t in enumerate(support.tolist())}
-            for child in children[node]:
-                at = where.get(tokens[child])
-                p = float(residual[at]) / float(residual.sum()) if at is not None else 0.0
+            support = probs.nonzero().flatten()
+            residual = probs[support].to("cpu", torch.float64)
+            support = support.cpu()  # ascending: a child's place in it is found by binary search
+            kids = torch.tensor([tokens[c] for c in children[node]], dtype=support.dtype)
+            places = torch.searchsorted(support, kids).clamp(max=support.numel() - 1).tolist()
+            for child, tok, at in zip(children[node], kids.tolist(), places, strict=True):
+                if int(support[at]) != tok:
+                    continue  # outside the support: probability 0, nothing to remove
+                p = float(residual[at]) / float(residual.sum())
                 if p > 0 and (p >= 1.0 or float(torch.rand((), generator=rng, dtype=torch.float64)) < p):
                     node = child
                     break
-                if at is not None:
-                    residual[at] = 0.0
+                residual[at] = 0.0
             else:
                 return node, int(support[torch.multinomial(residual, 1, generator=rng)])
 
