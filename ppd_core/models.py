@@ -211,3 +211,11 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
         raise ModelError(f"{spec!r} has no chat template; PPD Chat needs an instruction-tuned model")
     return LoadedModel(model, tokenizer, spec or DEFAULT_MODEL, dev, torch_dtype, attn_implementation,
                        quantization, time.perf_counter() - start)
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every token id that ends a reply: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+    return {i for i in ids if i is not None}

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .models import DEFAULT_MODEL, DTYPES, cache_dir, load_model
+from .engine import penalise
+from .models import DEFAULT_MODEL, DTYPES, cache_dir, eos_ids, load_model
 from .prompt_tokens import PromptTokens, model_signature
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -55,13 +56,6 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)
-
-
-def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
-    return {i for i in ids if i is not None}
 
 
 def replies_cache_path(model: PreTrainedModel, prompts_file: str | Path, max_new_tokens: int,
@@ -150,10 +144,10 @@ def repetition_seen(ids: torch.Tensor, vocab_size: int, positions: torch.Tensor)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """The same processing as the engine's `_process` (and transformers' repetition penalty)."""
+    """The engine's processing (and transformers' repetition penalty), with a [T, V] mask of seen tokens."""
     if penalty == 1.0:
         return logits
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    return torch.where(seen, penalise(logits, penalty), logits)
 
 
 def last_teacher_position(ids: list[int], stop: set[int]) -> int:
