@@ -6,7 +6,9 @@ Modes run interleaved per prompt (rotating order, so drift in machine load sprea
 - plain:            the engine with PPD off
 - ppd:              the engine with PPD on
 - ngram:            the engine with guesses copied from the context only
-- ppd_ngram:        both sources in one tree (the chat's default)
+- ppd_ngram:        both sources in one tree
+- ppd_dynamic:      PPD with the tree chosen every step from the guesses' confidence (calibrated menu)
+- propd:            both sources and the dynamic tree (the chat's default)
 - ppd_b<B>, ppd_default: PPD with a tree of budget B built from the measured accuracies, or with the
                     built-in default tree, so that trees can be compared with the calibrated one in one run
 With --temperature > 0 every mode samples (seed per prompt = --seed + prompt index); outputs then
@@ -35,9 +37,11 @@ from .calibrate import CALIBRATION_PROMPTS, accuracy_table
 from .engine import Engine, InputError, Session, Settings
 from .tree import TreeSpec, build_tree, default_tree
 
-MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram")
-ENGINE_MODES = {"plain": (False, False), "ppd": (True, False), "ngram": (False, True), "ppd_ngram": (True, True)}
-DEFAULT_MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ppd_ngram")
+MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram", "ppd_dynamic", "propd")
+# mode -> (ppd, ngram, dynamic)
+ENGINE_MODES = {"plain": (False, False, False), "ppd": (True, False, False), "ngram": (False, True, False),
+                "ppd_ngram": (True, True, False), "ppd_dynamic": (True, False, True), "propd": (True, True, True)}
+DEFAULT_MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ppd_ngram", "propd")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +64,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 class ModeTotals:
     new_tokens: int = 0
     forward_passes: int = 0
+    tree_nodes: int = 0
     seconds: float = 0.0
     decode_seconds: float = 0.0
     peak_memory_mb: float = 0.0
@@ -70,6 +75,7 @@ class ModeTotals:
         self.seconds += r["seconds"]
         self.decode_seconds += r["decode_seconds"] or 0.0
         self.forward_passes += r["forward_passes"] or 0
+        self.tree_nodes += r.get("tree_nodes") or 0
         self.peak_memory_mb = max(self.peak_memory_mb, r["peak_memory_mb"])
         self.outputs.append(r["tokens"])
 
@@ -78,6 +84,7 @@ class ModeTotals:
                 "decode_tokens_per_s": self.new_tokens / self.decode_seconds if self.decode_seconds else None,
                 "tau": self.new_tokens / self.forward_passes if self.forward_passes else None,
                 "new_tokens": self.new_tokens, "forward_passes": self.forward_passes or None,
+                "nodes_per_step": self.tree_nodes / self.forward_passes if self.forward_passes else None,
                 "seconds": round(self.seconds, 3), "peak_memory_mb": round(self.peak_memory_mb, 1)}
 
 
@@ -109,9 +116,9 @@ class PeakMemory:
             self._thread.join()
 
 
-def engine_flags(mode: str) -> tuple[bool, bool]:
-    """(ppd, ngram) of an engine mode; ppd_b<B> / ppd_default are PPD with another tree."""
-    return ENGINE_MODES.get(mode, (True, False))
+def engine_flags(mode: str) -> tuple[bool, bool, bool]:
+    """(ppd, ngram, dynamic) of an engine mode; ppd_b<B> / ppd_default are PPD with another tree."""
+    return ENGINE_MODES.get(mode, (True, False, False))
 
 
 def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings, session: Session | None = None,
@@ -125,21 +132,21 @@ def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings, sess
             start = time.perf_counter()
             if mode.startswith("hf_"):
                 out = _hf_generate(engine, ids, settings, lookup=mode == "hf_prompt_lookup")
-                decode_s, passes = None, None
+                decode_s, passes, nodes = None, None, None
             else:
                 out, last = [], None
-                ppd, ngram = engine_flags(mode)
+                ppd, ngram, dynamic = engine_flags(mode)
                 for chunk in engine.generate(prompt_ids=ids, session=session,
-                                             settings=replace(settings, ppd=ppd, ngram=ngram)):
+                                             settings=replace(settings, ppd=ppd, ngram=ngram, dynamic=dynamic)):
                     out += chunk.token_ids
                     last = chunk.counters
-                decode_s, passes = last.decode_s, last.forward_passes
+                decode_s, passes, nodes = last.decode_s, last.forward_passes, last.tree_nodes
             seconds = time.perf_counter() - start
     finally:
         if tree is not None:
             engine.set_tree(default_tree)
     return {"tokens": out, "seconds": seconds, "decode_seconds": decode_s, "forward_passes": passes,
-            "peak_memory_mb": mem.peak}
+            "tree_nodes": nodes, "peak_memory_mb": mem.peak}
 
 
 def run_conversation(engine: Engine, mode: str, turns: list[str], settings: Settings,
@@ -234,14 +241,16 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
 def markdown_table(report: dict, modes: dict | None = None) -> str:
     modes = report["modes"] if modes is None else modes
     base = modes.get("plain", {}).get("tokens_per_s")
-    lines = ["| mode | tokens/s | speed-up vs plain | tau | new tokens | forward passes | peak MB | identical |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | tokens/s | speed-up vs plain | tau | nodes/step | new tokens | forward passes | peak MB "
+             "| identical |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, s in modes.items():
         speed = f"{s['tokens_per_s'] / base:.2f}x" if base else "-"
         tau = f"{s['tau']:.2f}" if s["tau"] else "-"
+        nodes = f"{s['nodes_per_step']:.1f}" if s.get("nodes_per_step") is not None else "-"
         same = report["identical_to_plain"].get(m)
         same_text = "n/a (sampling)" if report.get("sampling") else ("yes" if same else "NO")
-        lines.append(f"| {m} | {s['tokens_per_s']:.1f} | {speed} | {tau} | {s['new_tokens']} | "
+        lines.append(f"| {m} | {s['tokens_per_s']:.1f} | {speed} | {tau} | {nodes} | {s['new_tokens']} | "
                      f"{s['forward_passes'] or '-'} | {s['peak_memory_mb']:.0f} | {same_text} |")
     return "\n".join(lines)
 

@@ -26,19 +26,20 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from .dynamic import TreeMenu
 from .engine import Counters, Engine, Session, Settings
 from .hardware import Hardware, detect
 from .models import cache_dir
 from .prompt_tokens import model_signature
 from .runtime import ASSETS
-from .tree import TreeBuffers, TreeSpec, build_tree, plain_spec, steady_state
+from .tree import TreeBuffers, TreeSpec, build_tree, plain_spec, steady_state, tree_rows
 
 BUDGETS = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXTS = (128, 512)
 # A tree must be predicted this much faster than plain decoding to be used: prediction errors of a few
 # per cent must not make the chat slower than PPD off.
 MIN_PREDICTED_GAIN = 1.05
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4  # 4: the report keeps every tree's step time (the dynamic tree's menu)
 # 24 prompts drawn from the training set (AlpacaEval CC BY-NC 4.0, GSM8K MIT), shipped so that a fresh
 # install can calibrate; never the dev prompts the benchmark measures on
 CALIBRATION_PROMPTS = ASSETS / "calibration_prompts.jsonl"
@@ -222,19 +223,61 @@ def calibrate(engine: Engine, *, recalibrate: bool = False, prompts_file: Path =
          "(once for this machine; cached afterwards)")
     acc = accuracy if accuracy is not None else accuracy_table(engine, prompts_file, root=root)
     trees = candidate_trees(acc, budgets)
-    curve = predict_curve(acc, trees, time_steps(engine, trees, repeats=repeats, progress=progress))
+    latency = time_steps(engine, trees, repeats=repeats, progress=progress)
+    curve = predict_curve(acc, trees, latency)
     best = max(curve, key=lambda r: r["tokens_per_s"])
     if best["tokens_per_s"] < MIN_PREDICTED_GAIN * curve[0]["tokens_per_s"]:
         best = curve[0]  # too close to call: plain steps are never slower than plain decoding
     tree = trees[best["b"]]
     report = {"fingerprint": hw.fingerprint, "hardware": hw.as_dict(), "cached": False,
               "seconds": round(time.perf_counter() - start, 1), "b_star": best["b"], "curve": curve,
-              "accuracy": acc.round(5).tolist(), "dtype": key["dtype"], "model": engine.lm.name}
+              "accuracy": acc.round(5).tolist(), "dtype": key["dtype"], "model": engine.lm.name,
+              "menu": menu_entries(trees, latency)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "tree": json.loads(tree.to_json()), "report": report}))
     tmp.replace(path)
     return Calibration(tree, report)
+
+
+def menu_entries(trees: dict[int, TreeSpec], latency: dict[tuple[int, int, int], float]) -> list[dict]:
+    """Every timed tree with its step time per d (mean over the context lengths): the dynamic tree's menu."""
+    out = []
+    for b, spec in sorted(trees.items()):
+        if b == 0:
+            continue
+        ms = {str(d): 1e3 * float(np.mean([s for (bb, dd, _), s in latency.items() if bb == b and dd == d]))
+              for d in spec.trees}
+        out.append({"b": b, "tree": json.loads(spec.to_json()), "step_ms": ms})
+    return out
+
+
+def monotone_fit(xs: list[float], ys: list[float]) -> dict[float, float]:
+    """Least-squares non-decreasing fit of y against x (pool adjacent violators): x -> fitted y.
+
+    Single step timings jitter by several ms here, enough to rank a bigger tree faster than a smaller
+    one; a step never gets cheaper with more rows, so the menu uses the monotone fit."""
+    blocks: list[list[float]] = []  # [x values..., sum, count] kept as (xs, total, n)
+    for x in sorted(set(xs)):
+        vals = [y for xx, y in zip(xs, ys, strict=True) if xx == x]
+        blocks.append([[x], sum(vals), len(vals)])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
+            last = blocks.pop()
+            blocks[-1] = [blocks[-1][0] + last[0], blocks[-1][1] + last[1], blocks[-1][2] + last[2]]
+    return {x: total / n for group, total, n in blocks for x in group}
+
+
+def menu_from_report(report: dict, n_virtual: int = 1, device: torch.device | str = "cpu") -> TreeMenu | None:
+    """The dynamic tree's menu from a calibration report (None if the report has none); step times are
+    the monotone fit of the measured ones against the tree's rows."""
+    entries = report.get("menu") or []
+    if not entries:
+        return None
+    trees = {e["b"]: TreeSpec.from_json(json.dumps(e["tree"])) for e in entries}
+    rows = {(e["b"], int(d)): tree_rows(trees[e["b"]], int(d), n_virtual) for e in entries for d in e["step_ms"]}
+    measured = [(rows[(e["b"], int(d))], ms / 1e3) for e in entries for d, ms in e["step_ms"].items()]
+    fit = monotone_fit([r for r, _ in measured], [s for _, s in measured])
+    return TreeMenu(trees, {key: fit[r] for key, r in rows.items()}, n_virtual, device)
 
 
 def plot_curve(report: dict, path: str | Path) -> None:

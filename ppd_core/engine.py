@@ -22,6 +22,8 @@ import torch
 from transformers import DynamicCache
 
 from .cpu_kernels import few_rows_matmul
+from .dynamic import AcceptanceStats, TreeMenu
+from .kv_cache import growing_cache
 from .models import LoadedModel, eos_ids
 from .ngram import MAX_CHAIN, NgramIndex, NgramStats, merge_chain
 from .prompt_tokens import PromptTokens
@@ -39,6 +41,7 @@ class Settings:
     max_new_tokens: int = 256
     ppd: bool = True  # guesses from the trained prompt tokens
     ngram: bool = False  # guesses copied from the context (prompt, earlier turns, the reply so far)
+    dynamic: bool = False  # size the tree every step from the guesses' confidence (needs a calibrated menu)
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     # sampling: temperature 0 = greedy (deterministic); otherwise top-k, top-p and min-p apply, in
@@ -98,6 +101,7 @@ class Counters:
     forward_passes: int = 0  # decoding forwards; the prefill of all but the last prompt token is separate
     accepted_guesses: int = 0  # tokens that came from accepted guesses (any source)
     accepted_ngram: int = 0  # of which guessed by the n-gram source
+    tree_nodes: int = 0  # candidate nodes verified (root excluded), over all forward passes
     prompt_tokens: int = 0
     prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the session cache)
     prefill_s: float = 0.0
@@ -133,9 +137,10 @@ class Session:
     cache: DynamicCache | None = None
     cached_ids: list[int] = field(default_factory=list)  # tokens whose keys/values are in `cache`
     ngram_stats: NgramStats = field(default_factory=NgramStats)  # how well context guesses do here
+    acceptance: AcceptanceStats | None = None  # how well prompt-token guesses of each confidence do here
 
     def reset(self) -> None:
-        self.cache, self.cached_ids, self.ngram_stats = None, [], NgramStats()
+        self.cache, self.cached_ids, self.ngram_stats, self.acceptance = None, [], NgramStats(), None
 
 
 # Overrides the candidate tokens: (committed ids incl. root, d, top_k) -> LongTensor [d, top_k].
@@ -161,6 +166,7 @@ class Engine:
         self.logit_scale = getattr(lm.model.config, "logit_scale", None)  # read once, not every step
         self.softcap = getattr(lm.model.config, "final_logit_softcapping", None)
         self.calibration: dict | None = None  # the calibration report when the tree came from calibration
+        self.menu: TreeMenu | None = None  # trees with calibrated step times, for Settings.dynamic
         n = prompt_tokens.n_tokens if prompt_tokens is not None else 0
         self.set_tree(tree if tree is not None else plain_spec(n))
         self._plain = TreeBuffers.from_spec(plain_spec(0), 0, device=self.device)
@@ -258,12 +264,18 @@ class Engine:
         use_ppd = settings.ppd and self.prompt_tokens is not None
         d = pl.shape[0] if (use_ppd and pl is not None) else 0
         buf = (buffers or self._buffers)[d] if use_ppd else self._plain
+        dynamic = settings.dynamic and d > 0 and self.menu is not None and buffers is None
         table = [torch.tensor([state.root], device=self.device)]
         if d:
-            k = self.tree.top_k
+            k = self.menu.top_k if dynamic else self.tree.top_k
             guesses = guesser([*state.ids, state.root], d, k) if guesser else torch.topk(pl, k, dim=-1).indices
-            table.append(guesses.reshape(-1).to(self.device))
+            guesses = guesses.to(self.device)
+            table.append(guesses.reshape(-1))
+            if dynamic:  # the candidates' own probabilities -> this step's tree
+                q = (pl.gather(1, guesses) - pl.logsumexp(-1, keepdim=True)).exp().to("cpu", torch.float64)
+                _, buf = self.menu.choose(state.acceptance.acceptance(q))
         node_tokens = torch.cat(table)[buf.cand_index]
+        static = buf  # the prompt-token tree, before any n-gram chain joins it
         from_chain, chain_nodes = [False] * buf.n_nodes, []
         if state.ngram is not None:
             buf, node_tokens, from_chain, chain_nodes = self._add_ngram_chain(state, buf, node_tokens)
@@ -297,6 +309,8 @@ class Engine:
         path = buf.path(best)
 
         self._commit(state.cache, past, path, hidden.shape[0])
+        if dynamic:
+            self._learn_acceptance(state.acceptance, static, q, path)
 
         rows = buf.prompt_rows[best]  # [attached, m]: the next step's guesses
         state.prompt_logits = (logits[rows.flatten()].view(*rows.shape, -1).mean(1)
@@ -305,7 +319,20 @@ class Engine:
         if chain_nodes:
             state.ngram_stats.update(len(chain_nodes), len(set(accepted) & set(chain_nodes)))
         provenance = ["ngram" if from_chain[i] else "ppd" for i in accepted] + ["model"]
+        state.tree_nodes = n_nodes - 1
         return node_tokens[path[1:]].tolist() + [next_token], provenance
+
+    @staticmethod
+    def _learn_acceptance(stats: AcceptanceStats, buf: TreeBuffers, q: torch.Tensor, path: torch.Tensor) -> None:
+        """Which of this step's prompt-token candidates were tested (parent accepted) and accepted."""
+        n = buf.n_nodes
+        if n == 1:
+            return
+        on_path = torch.zeros(n, dtype=torch.bool)
+        on_path[path[path < n].cpu()] = True  # chain-only nodes (index >= n) are the n-gram source's business
+        parents, cand = buf.parents[1:].cpu(), buf.cand_index[1:].cpu()
+        q_nodes = torch.cat([q.new_ones(1), q.flatten()])[cand]
+        stats.update(q_nodes, buf.depth[1:].cpu(), on_path[parents], on_path[1:])
 
     @staticmethod
     def _verify_sampled(buf: TreeBuffers, node_tokens: torch.Tensor, node_logits: torch.Tensor, settings: Settings,
@@ -402,6 +429,10 @@ class Engine:
         t0 = time.perf_counter()
         state = self._prefill(ids, session, counters)
         state.ngram_stats = session.ngram_stats
+        if settings.dynamic and self.prompt_tokens is not None:
+            if session.acceptance is None or session.acceptance.tried.shape[0] != self.prompt_tokens.n_tokens:
+                session.acceptance = AcceptanceStats.empty(self.prompt_tokens.n_tokens)
+            state.acceptance = session.acceptance
         if settings.ngram:
             state.ngram = NgramIndex()
             state.ngram.extend(ids)
@@ -415,6 +446,7 @@ class Engine:
                 t = time.perf_counter()
                 new, sources = self._step(state, settings, guesser)
                 counters.forward_passes += 1
+                counters.tree_nodes += state.tree_nodes
                 if state.ngram is not None:
                     state.ngram.extend(new)
                 out_ids, prov = [], []
@@ -448,7 +480,7 @@ class Engine:
     def _prefill(self, ids: list[int], session: Session, counters: Counters) -> _State:
         """Reuse the session's cache for the longest common prefix; compute the rest but the last token."""
         if session.cache is None:
-            session.cache = DynamicCache(config=self.model.config)
+            session.cache = growing_cache(self.model.config)
             session.cached_ids = []
         cache = session.cache
         common = 0
@@ -482,7 +514,9 @@ class _State:
     prompt_logits: torch.Tensor | None  # [d, V] guesses for the tokens after the root
     ngram: NgramIndex | None = None  # the context (ids + root), indexed for continuation guesses
     ngram_stats: NgramStats | None = None
+    acceptance: AcceptanceStats | None = None
     rng: torch.Generator | None = None  # sampling draws, seeded per reply
+    tree_nodes: int = 0  # candidate nodes the last step verified
 
 
 class _Detokenizer:

@@ -115,6 +115,27 @@ def test_ppd_trained_tokens_equal_plain(engine: Engine, prompts: list[str], plai
         assert run(engine, prompt, CHAT) == expected
 
 
+def test_full_engine_with_a_dynamic_tree_equals_plain(engine: Engine, prompts: list[str],
+                                                      plain_outputs: list[list[int]]):
+    """Prompt tokens + n-gram guesses + a tree chosen every step from the guesses' confidence."""
+    from dataclasses import replace
+
+    from ppd_core.dynamic import TreeMenu
+    from ppd_core.tree import PRIOR_ACCURACY, tree_rows
+
+    trees = {b: build_tree(PRIOR_ACCURACY, b) for b in (2, 4, 8, 16)}
+    # about this CPU's cost per row, so that confident steps pick big trees and others small ones
+    latency = {(b, d): 0.045 + 0.0012 * tree_rows(spec, d) for b, spec in trees.items() for d in spec.trees}
+    fast = Engine(engine.lm, engine.prompt_tokens, engine.tree)
+    fast.menu = TreeMenu(trees, latency)
+    chosen: list[int] = []
+    choose = fast.menu.choose
+    fast.menu.choose = lambda a: (lambda r: chosen.append(r[0]) or r)(choose(a))
+    for prompt, expected in zip(prompts, plain_outputs, strict=True):
+        assert run(fast, prompt, replace(CHAT, ngram=True, dynamic=True)) == expected
+    assert len(set(chosen)) >= 2, chosen
+
+
 def test_ppd_random_tokens_equal_plain(lm, prompts: list[str], plain_outputs: list[list[int]]):
     engine = Engine(lm, PromptTokens.init_for(lm.model, 3, how="random", seed=1), default_tree(3))
     for prompt, expected in zip(prompts, plain_outputs, strict=True):
