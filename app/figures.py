@@ -39,6 +39,7 @@ def figures(engine: Engine, counters: Counters | None, ppd: bool, peaks: MemoryP
     return {"ppd": ppd, "tokens_per_s": round(c.tokens_per_s, 2), "tau": round(c.tau, 3),
             "forward_passes": c.forward_passes, "new_tokens": c.new_tokens, "accepted_guesses": c.accepted_guesses,
             "accepted_ngram": c.accepted_ngram,
+            "nodes_per_step": round(c.tree_nodes / c.forward_passes, 2) if c.forward_passes else 0.0,
             "prefill_tokens": c.prefill_tokens, "prompt_tokens": c.prompt_tokens,
             "prefill_s": round(c.prefill_s, 3), "peak_memory_mb": round(c.peak_memory_mb, 1),
             "runtime_memory_overhead": peaks.runtime_overhead, **hardware_facts(engine)}
@@ -54,14 +55,15 @@ def figures_markdown(f: dict, status: str = "") -> str:
         ("mode", mode),
         ("tokens/s", f"**{f['tokens_per_s']:.1f}**"),
         ("acceptance length", f"**{f['tau']:.2f}** tokens / forward pass"),
-        ("forward passes", f"{f['forward_passes']} for {f['new_tokens']} new tokens"),
+        ("forward passes", f"{f['forward_passes']} for {f['new_tokens']} new tokens, "
+                           f"{f['nodes_per_step']:.1f} guesses verified per pass"),
         ("accepted guesses", f"{f['accepted_guesses'] - f['accepted_ngram']} from prompt tokens, "
                              f"{f['accepted_ngram']} copied from the context"),
         ("prefill", f"{f['prefill_tokens']} of {f['prompt_tokens']} prompt tokens computed "
                     f"(rest reused from the cache), {f['prefill_s']:.2f} s"),
         ("memory: parameters", _pct(f["parameter_overhead"], 4)),
         ("memory: runtime", _pct(f["runtime_memory_overhead"])),
-        ("hardware", f"{f['device']} · {f['dtype']} · tree of {f['tree_size']} nodes"),
+        ("hardware", f"{f['device']} · {f['dtype']} · tree of {f['tree_size']} rows"),
     ]
     table = "| figure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (f"{status}\n\n" if status else "") + table
