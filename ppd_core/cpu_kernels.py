@@ -78,7 +78,8 @@ class SmallBatchLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         limit = KERNEL_MAX_ROWS if load_kernel() is not None else MKL_MAX_ROWS
-        if flat.shape[0] > limit:
+        # the kernel has no backward: training a few rows (a short reply's cut points) must keep its gradient
+        if flat.shape[0] > limit or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return super().forward(x)
         y = few_rows_matmul(self.weight, flat)
         if self.bias is not None:

@@ -59,3 +59,20 @@ def test_mkl_fallback_and_linear_agree_with_f_linear(monkeypatch):
         assert torch.allclose(few_rows_matmul(lin.weight, x[0, :1]), want[0, :1] - lin.bias, atol=1e-5)
     assert load_kernel() is None
     cpu_kernels.load_kernel.cache_clear()  # later tests get the kernel again
+
+
+def test_small_batch_linear_keeps_gradients_for_training():
+    """The kernel has no backward: a few rows that need a gradient (prompt-token training on a short reply)
+    must go through F.linear. Before this, a step whose rows all fit the kernel lost its gradient."""
+    lin = torch.nn.Linear(64, 32)
+    lin.__class__ = SmallBatchLinear
+    lin.requires_grad_(False)  # the frozen model
+    x = torch.randn(5, 64, requires_grad=True)
+    y = lin(x)
+    assert y.grad_fn is not None
+    (y ** 2).sum().backward()
+    want_x = x.detach().clone().requires_grad_(True)
+    (torch.nn.functional.linear(want_x, lin.weight, lin.bias) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, want_x.grad)
+    with torch.inference_mode():
+        assert lin(x.detach()).grad_fn is None  # decoding still takes the kernel path
