@@ -257,7 +257,7 @@ def monotone_fit(xs: list[float], ys: list[float]) -> dict[float, float]:
 
     Single step timings jitter by several ms here, enough to rank a bigger tree faster than a smaller
     one; a step never gets cheaper with more rows, so the menu uses the monotone fit."""
-    blocks: list[list[float]] = []  # [x values..., sum, count] kept as (xs, total, n)
+    blocks: list[list] = []  # pooled runs: [x values, sum of y, count]
     for x in sorted(set(xs)):
         vals = [y for xx, y in zip(xs, ys, strict=True) if xx == x]
         blocks.append([[x], sum(vals), len(vals)])

@@ -138,7 +138,8 @@ def test_full_engine_with_a_dynamic_tree_equals_plain(engine: Engine, prompts: l
 
 def test_ppd_random_tokens_equal_plain(lm, prompts: list[str], plain_outputs: list[list[int]]):
     engine = Engine(lm, PromptTokens.init_for(lm.model, 3, how="random", seed=1), default_tree(3))
-    for prompt, expected in zip(prompts, plain_outputs, strict=True):
+    # half the prompts: random tokens are rarely accepted, the other equality tests exercise acceptance
+    for prompt, expected in zip(prompts[:6], plain_outputs[:6], strict=True):
         assert run(engine, prompt, CHAT) == expected
 
 
