@@ -184,19 +184,15 @@ def time_steps(engine: Engine, trees: dict[int, TreeSpec], contexts: tuple[int, 
 def predict_curve(acc: np.ndarray, trees: dict[int, TreeSpec], latency: dict[tuple[int, int, int], float]
                   ) -> list[dict]:
     """tau(B), the step latency (weighted by how often each tree d runs) and tokens/s, for every B."""
-    contexts = sorted({c for *_, c in latency})
-
-    def step_latency(b: int, d: int) -> float:
-        return float(np.mean([latency[(b, d, c)] for c in contexts]))
-
+    step_latency = mean_over_contexts(latency)
     curve = []
     for b, spec in sorted(trees.items()):
         if b == 0:
-            tau, lat = 1.0, step_latency(0, 0)
+            tau, lat = 1.0, step_latency[(0, 0)]
         else:
             pi, value = steady_state(spec, acc)
             tau = 1.0 + float(pi @ value)
-            lat = float(sum(pi[d] * step_latency(b, d) for d in spec.trees))
+            lat = float(sum(pi[d] * step_latency[(b, d)] for d in spec.trees))
         curve.append({"b": b, "tau": tau, "latency_ms": lat * 1e3, "tokens_per_s": tau / lat})
     return curve
 
@@ -240,16 +236,19 @@ def calibrate(engine: Engine, *, recalibrate: bool = False, prompts_file: Path =
     return Calibration(tree, report)
 
 
+def mean_over_contexts(latency: dict[tuple[int, int, int], float]) -> dict[tuple[int, int], float]:
+    """(b, d, context) -> seconds  to  (b, d) -> mean seconds over the context lengths timed."""
+    groups: dict[tuple[int, int], list[float]] = {}
+    for (b, d, _), seconds in latency.items():
+        groups.setdefault((b, d), []).append(seconds)
+    return {key: float(np.mean(v)) for key, v in groups.items()}
+
+
 def menu_entries(trees: dict[int, TreeSpec], latency: dict[tuple[int, int, int], float]) -> list[dict]:
     """Every timed tree with its step time per d (mean over the context lengths): the dynamic tree's menu."""
-    out = []
-    for b, spec in sorted(trees.items()):
-        if b == 0:
-            continue
-        ms = {str(d): 1e3 * float(np.mean([s for (bb, dd, _), s in latency.items() if bb == b and dd == d]))
-              for d in spec.trees}
-        out.append({"b": b, "tree": json.loads(spec.to_json()), "step_ms": ms})
-    return out
+    by_tree = mean_over_contexts(latency)
+    return [{"b": b, "tree": json.loads(spec.to_json()), "step_ms": {str(d): 1e3 * by_tree[(b, d)] for d in spec.trees}}
+            for b, spec in sorted(trees.items()) if b > 0]
 
 
 def monotone_fit(xs: list[float], ys: list[float]) -> dict[float, float]:

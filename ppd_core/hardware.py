@@ -100,6 +100,11 @@ def cpu_model_and_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, tup
     return model, tuple(f for f in ISA_FLAGS if f in flags)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (else torch emulates it, far slower than float32)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_model_and_flags()[1]))
+
+
 def detect(nvml=None) -> Hardware:
     cpu, isa = cpu_model_and_flags()
     gpus = nvml_gpus(nvml)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .engine import penalise
+from .hardware import native_bf16
 from .models import DEFAULT_MODEL, DTYPES, cache_dir, eos_ids, load_model
 from .prompt_tokens import PromptTokens, model_signature
 
@@ -56,13 +57,6 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (else torch emulates it, far slower than float32)."""
-    from .hardware import cpu_model_and_flags
-
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_model_and_flags()[1]))
 
 
 def replies_cache_path(model: PreTrainedModel, prompts_file: str | Path, max_new_tokens: int,
