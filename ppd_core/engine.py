@@ -30,6 +30,7 @@ from .prompt_tokens import PromptTokens
 from .tree import TreeBuffers, TreeSpec, plain_spec
 
 PREFILL_CHUNK = 512
+MAX_MERGED_SHAPES = 4096  # cached tree + chain buffers per engine (each a few KB)
 
 
 class InputError(ValueError):
@@ -167,6 +168,7 @@ class Engine:
         self.softcap = getattr(lm.model.config, "final_logit_softcapping", None)
         self.calibration: dict | None = None  # the calibration report when the tree came from calibration
         self.menu: TreeMenu | None = None  # trees with calibrated step times, for Settings.dynamic
+        self._merged: dict[tuple, TreeBuffers] = {}  # tree + n-gram chain shapes seen so far
         n = prompt_tokens.n_tokens if prompt_tokens is not None else 0
         self.set_tree(tree if tree is not None else plain_spec(n))
         self._plain = TreeBuffers.from_spec(plain_spec(0), 0, device=self.device)
@@ -380,8 +382,14 @@ class Engine:
             return buf, node_tokens, [False] * buf.n_nodes, []
         parents, tokens, attached, from_chain = merge_chain(buf.parents.tolist(), node_tokens.tolist(),
                                                             buf.attached, chain)
-        m = self.prompt_tokens.n_virtual if self.prompt_tokens is not None else 1
-        merged = TreeBuffers.build(parents, list(range(len(tokens))), attached, m, self.device)
+        shape = (tuple(parents), tuple(attached))
+        merged = self._merged.get(shape)
+        if merged is None:  # building buffers costs ~0.5 ms in Python; a conversation reuses a few dozen shapes
+            m = self.prompt_tokens.n_virtual if self.prompt_tokens is not None else 1
+            if len(self._merged) >= MAX_MERGED_SHAPES:
+                self._merged.clear()
+            merged = self._merged[shape] = TreeBuffers.build(parents, list(range(len(tokens))), attached, m,
+                                                             self.device)
         # the chain's own nodes (shared or new), root excluded, in depth order
         chain_nodes, cur = [], 0
         for tok in chain:
@@ -395,11 +403,16 @@ class Engine:
         n = path.shape[0]
         if n == rows and n == 1:  # plain step: the one new entry is already in place
             return
-        keep = past + path
+        # nodes are stored parents first, so the path's head is often in place already (always the root):
+        # move only the rest (copying every layer's whole path cost ~2 ms per step here)
+        moved = (path != torch.arange(n, device=path.device)).nonzero()
+        first = int(moved[0]) if moved.numel() else n
+        keep = past + path[first:]
         for layer in cache.layers:
             for name in ("keys", "values"):
                 kv = getattr(layer, name)
-                kv[..., past:past + n, :] = kv[..., keep, :]  # the gather copies before writing
+                if first < n:
+                    kv[..., past + first:past + n, :] = kv[..., keep, :]  # the gather copies before writing
                 setattr(layer, name, kv[..., : past + n, :])
 
     # ------------------------------------------------------------------ the API

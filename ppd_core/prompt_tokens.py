@@ -82,14 +82,15 @@ class PromptTokens(nn.Module):
             yield
             return
         layers = list(model.get_decoder().layers)[1:]
+        per_layer = self.offsets[:, source][:, None]  # [L, 1, R, H]: one gather per step, not one per layer
 
-        def hook_for(offsets: torch.Tensor):
+        def hook_for(i: int):
             def add_offsets(module: nn.Module, args: tuple) -> tuple:
                 hidden = args[0]
-                return (hidden.index_add(1, rows, offsets[source][None].to(hidden.dtype)), *args[1:])
+                return (hidden.index_add(1, rows, per_layer[i].to(hidden.dtype)), *args[1:])
             return add_offsets
 
-        handles = [layer.register_forward_pre_hook(hook_for(self.offsets[i])) for i, layer in enumerate(layers)]
+        handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
         try:
             yield
         finally:
