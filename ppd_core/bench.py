@@ -8,7 +8,7 @@ Modes run interleaved per prompt (rotating order, so drift in machine load sprea
 - ngram:            the engine with guesses copied from the context only
 - ppd_ngram:        both sources in one tree
 - ppd_dynamic:      PPD with the tree chosen every step from the guesses' confidence (calibrated menu)
-- propd:            both sources and the dynamic tree (the chat's default)
+- propd:            both sources, the dynamic tree and early pruning where calibration switched it on
 - ppd_b<B>, ppd_default: PPD with a tree of budget B built from the measured accuracies, or with the
                     built-in default tree, so that trees can be compared with the calibrated one in one run
 With --temperature > 0 every mode samples (seed per prompt = --seed + prompt index); outputs then
@@ -38,9 +38,10 @@ from .engine import Engine, InputError, Session, Settings
 from .tree import TreeSpec, build_tree, default_tree
 
 MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram", "ppd_dynamic", "propd")
-# mode -> (ppd, ngram, dynamic)
-ENGINE_MODES = {"plain": (False, False, False), "ppd": (True, False, False), "ngram": (False, True, False),
-                "ppd_ngram": (True, True, False), "ppd_dynamic": (True, False, True), "propd": (True, True, True)}
+# mode -> (ppd, ngram, dynamic, early_prune)
+ENGINE_MODES = {"plain": (False, False, False, False), "ppd": (True, False, False, False),
+                "ngram": (False, True, False, False), "ppd_ngram": (True, True, False, False),
+                "ppd_dynamic": (True, False, True, False), "propd": (True, True, True, True)}
 DEFAULT_MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ppd_ngram", "propd")
 
 
@@ -65,6 +66,7 @@ class ModeTotals:
     new_tokens: int = 0
     forward_passes: int = 0
     tree_nodes: int = 0
+    pruned_nodes: int = 0
     seconds: float = 0.0
     decode_seconds: float = 0.0
     peak_memory_mb: float = 0.0
@@ -76,6 +78,7 @@ class ModeTotals:
         self.decode_seconds += r["decode_seconds"] or 0.0
         self.forward_passes += r["forward_passes"] or 0
         self.tree_nodes += r.get("tree_nodes") or 0
+        self.pruned_nodes += r.get("pruned_nodes") or 0
         self.peak_memory_mb = max(self.peak_memory_mb, r["peak_memory_mb"])
         self.outputs.append(r["tokens"])
 
@@ -85,6 +88,7 @@ class ModeTotals:
                 "tau": self.new_tokens / self.forward_passes if self.forward_passes else None,
                 "new_tokens": self.new_tokens, "forward_passes": self.forward_passes or None,
                 "nodes_per_step": self.tree_nodes / self.forward_passes if self.forward_passes else None,
+                "pruned_fraction": self.pruned_nodes / self.tree_nodes if self.tree_nodes else None,
                 "seconds": round(self.seconds, 3), "peak_memory_mb": round(self.peak_memory_mb, 1)}
 
 
@@ -116,9 +120,9 @@ class PeakMemory:
             self._thread.join()
 
 
-def engine_flags(mode: str) -> tuple[bool, bool, bool]:
-    """(ppd, ngram, dynamic) of an engine mode; ppd_b<B> / ppd_default are PPD with another tree."""
-    return ENGINE_MODES.get(mode, (True, False, False))
+def engine_flags(mode: str) -> tuple[bool, bool, bool, bool]:
+    """(ppd, ngram, dynamic, early_prune) of an engine mode; ppd_b<B> / ppd_default are PPD with another tree."""
+    return ENGINE_MODES.get(mode, (True, False, False, False))
 
 
 def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings, session: Session | None = None,
@@ -132,21 +136,21 @@ def run_mode(engine: Engine, mode: str, ids: list[int], settings: Settings, sess
             start = time.perf_counter()
             if mode.startswith("hf_"):
                 out = _hf_generate(engine, ids, settings, lookup=mode == "hf_prompt_lookup")
-                decode_s, passes, nodes = None, None, None
+                decode_s, passes, nodes, pruned = None, None, None, None
             else:
                 out, last = [], None
-                ppd, ngram, dynamic = engine_flags(mode)
-                for chunk in engine.generate(prompt_ids=ids, session=session,
-                                             settings=replace(settings, ppd=ppd, ngram=ngram, dynamic=dynamic)):
+                ppd, ngram, dynamic, prune = engine_flags(mode)
+                flags = replace(settings, ppd=ppd, ngram=ngram, dynamic=dynamic, early_prune=prune)
+                for chunk in engine.generate(prompt_ids=ids, session=session, settings=flags):
                     out += chunk.token_ids
                     last = chunk.counters
-                decode_s, passes, nodes = last.decode_s, last.forward_passes, last.tree_nodes
+                decode_s, passes, nodes, pruned = last.decode_s, last.forward_passes, last.tree_nodes, last.pruned_nodes
             seconds = time.perf_counter() - start
     finally:
         if tree is not None:
             engine.set_tree(default_tree)
     return {"tokens": out, "seconds": seconds, "decode_seconds": decode_s, "forward_passes": passes,
-            "tree_nodes": nodes, "peak_memory_mb": mem.peak}
+            "tree_nodes": nodes, "pruned_nodes": pruned, "peak_memory_mb": mem.peak}
 
 
 def run_conversation(engine: Engine, mode: str, turns: list[str], settings: Settings,

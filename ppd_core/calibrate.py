@@ -5,8 +5,10 @@ training prompts -> A[d][r]; the builder turns A and a row budget B into a tree 
 tokens per step tau(B).
 Stage 2 (hardware): the latency of one whole decoding step of each tree on this device, dtype and context
 lengths, timed interleaved with medians; latency(B) weights each tree d by how often it runs.
-B* = argmax tau(B) / latency(B). The result is cached per (hardware fingerprint, model, prompt-token
-weights, dtype, library versions) and reused until one of them changes.
+B* = argmax tau(B) / latency(B).
+Stage 3 (hardware): early pruning (ProPD) on or off, with its cut layer and top-k, where it pays.
+The result is cached per (hardware fingerprint, model, prompt-token weights, dtype, library versions)
+and reused until one of them changes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import transformers
 from tqdm import tqdm
 
 from .dynamic import TreeMenu
-from .engine import Counters, Engine, Session, Settings
+from .engine import Counters, EarlyPrune, Engine, Session, Settings
 from .hardware import Hardware, detect
 from .models import cache_dir
 from .prompt_tokens import model_signature
@@ -39,7 +41,10 @@ CONTEXTS = (128, 512)
 # A tree must be predicted this much faster than plain decoding to be used: prediction errors of a few
 # per cent must not make the chat slower than PPD off.
 MIN_PREDICTED_GAIN = 1.05
-CALIBRATION_VERSION = 4  # 4: the report keeps every tree's step time (the dynamic tree's menu)
+CALIBRATION_VERSION = 5  # 4: every tree's step time (the dynamic tree's menu); 5: early pruning decided
+EARLY_CUTS = (0.25, 0.5, 0.75)  # where early pruning may cut, as fractions of the decoder's depth
+EARLY_TOP_K = (1, 3, 10)  # a child survives if its token is in its parent's early top-k
+MIN_PRUNE_GAIN = 1.03  # measured gain needed to switch early pruning on (timing noise is a few per cent)
 # 24 prompts drawn from the training set (AlpacaEval CC BY-NC 4.0, GSM8K MIT), shipped so that a fresh
 # install can calibrate; never the dev prompts the benchmark measures on
 CALIBRATION_PROMPTS = ASSETS / "calibration_prompts.jsonl"
@@ -225,15 +230,107 @@ def calibrate(engine: Engine, *, recalibrate: bool = False, prompts_file: Path =
     if best["tokens_per_s"] < MIN_PREDICTED_GAIN * curve[0]["tokens_per_s"]:
         best = curve[0]  # too close to call: plain steps are never slower than plain decoding
     tree = trees[best["b"]]
+    early = choose_early_prune(engine, tree, best["b"], curve, prompts_file, progress=progress)
     report = {"fingerprint": hw.fingerprint, "hardware": hw.as_dict(), "cached": False,
               "seconds": round(time.perf_counter() - start, 1), "b_star": best["b"], "curve": curve,
               "accuracy": acc.round(5).tolist(), "dtype": key["dtype"], "model": engine.lm.name,
-              "menu": menu_entries(trees, latency)}
+              "menu": menu_entries(trees, latency), "early_prune": early}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "tree": json.loads(tree.to_json()), "report": report}))
     tmp.replace(path)
     return Calibration(tree, report)
+
+
+# ---------------------------------------------------------------- stage 3
+
+@torch.inference_mode()
+def time_early_head(engine: Engine, rows: int, repeats: int = 9) -> float:
+    """Median seconds of the early predictor on `rows` node states: final norm, LM head, top-k."""
+    h = torch.randn(rows, engine.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    h = h.to(engine.device, engine.dtype)
+    sync = device_sync(engine.device)
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        engine._logits(engine.decoder.norm(h)).topk(max(EARLY_TOP_K), dim=-1)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def pruned_run(engine: Engine, prompts: list[str], prune: EarlyPrune | None, max_new_tokens: int = 32) -> dict:
+    """tokens/s, tau and the fraction of nodes pruned on `prompts`, with the engine's tree and `prune`."""
+    before = engine.early_prune
+    engine.early_prune = prune
+    totals = Counters()
+    try:
+        s = Settings(repetition_penalty=1.1, max_new_tokens=max_new_tokens, early_prune=prune is not None)
+        for text in prompts:
+            last = None
+            for chunk in engine.generate([{"role": "user", "content": text}], s):
+                last = chunk.counters
+            for name in ("new_tokens", "forward_passes", "tree_nodes", "pruned_nodes", "decode_s"):
+                setattr(totals, name, getattr(totals, name) + getattr(last, name))
+    finally:
+        engine.early_prune = before
+    return {"tokens_per_s": totals.new_tokens / totals.decode_s if totals.decode_s else 0.0, "tau": totals.tau,
+            "pruned_fraction": totals.pruned_nodes / totals.tree_nodes if totals.tree_nodes else 0.0}
+
+
+def choose_early_prune(engine: Engine, tree: TreeSpec, b_star: int, curve: list[dict], prompts_file: Path,
+                       *, try_anyway: bool = False, progress: bool = True) -> dict:
+    """Early pruning on (with its cut layer and top-k) or off, and why.
+
+    A bound first: even if every candidate were dropped at the cut, the layers after it would save at most
+    (1 - cut / depth) x (tree step - plain step), while the early predictor (norm + LM head on the nodes)
+    costs its own time every step. Where the bound loses at every cut, pruning stays off without a trial
+    (on a 2-core CPU the calibrated tree's rows cost ~5 ms of a ~54 ms step and the 49k x 576 head ~6 ms).
+    Otherwise real decoding on two calibration prompts decides, each (cut, top-k) against no pruning.
+    """
+    report: dict = {"enabled": False, "layer": None, "top_k": None}
+    if not engine.layerwise or b_star == 0:
+        report["reason"] = "plain decoding chosen" if b_star == 0 else "this model's decoder is not walked layer-wise"
+        return report
+    depth = engine.model.config.num_hidden_layers
+    by_b = {r["b"]: r for r in curve}
+    tree_ms, plain_ms = by_b[b_star]["latency_ms"], by_b[0]["latency_ms"]
+    head_ms = 1e3 * time_early_head(engine, max(len(nodes) for nodes in tree.trees.values()))
+    cuts = sorted({min(depth - 1, max(1, round(f * depth))) for f in EARLY_CUTS})
+    bound = {c: (1 - c / depth) * (tree_ms - plain_ms) for c in cuts}
+    report.update(head_ms=round(head_ms, 2), tree_step_ms=round(tree_ms, 2), plain_step_ms=round(plain_ms, 2),
+                  max_saving_ms={str(c): round(v, 2) for c, v in bound.items()})
+    if max(bound.values()) <= head_ms and not try_anyway:
+        report["reason"] = (f"cannot pay here: pruning every node after the cut would save at most "
+                            f"{max(bound.values()):.1f} ms per step, the early predictor costs {head_ms:.1f} ms")
+        return report
+    rows = [json.loads(line) for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    prompts = [r["turns"][0] for r in rows[:2]]
+    saved = engine.tree
+    engine.set_tree(tree)
+    try:
+        base = pruned_run(engine, prompts, None)
+        trials = []
+        for c in tqdm(cuts, desc="early pruning", disable=not progress, file=sys.stderr):
+            for k in EARLY_TOP_K:
+                trials.append({"layer": c, "top_k": k, **pruned_run(engine, prompts, EarlyPrune(c, k))})
+    finally:
+        engine.set_tree(saved)
+    best = max(trials, key=lambda t: t["tokens_per_s"])
+    report.update(base=base, trials=trials)
+    if best["tokens_per_s"] >= MIN_PRUNE_GAIN * base["tokens_per_s"]:
+        report.update(enabled=True, layer=best["layer"], top_k=best["top_k"],
+                      reason=f"measured {best['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    else:
+        report["reason"] = (f"measured at most {best['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+                            f"(needs {MIN_PRUNE_GAIN}x)")
+    return report
+
+
+def early_prune_from_report(report: dict) -> EarlyPrune | None:
+    early = report.get("early_prune") or {}
+    return EarlyPrune(int(early["layer"]), int(early["top_k"])) if early.get("enabled") else None
 
 
 def mean_over_contexts(latency: dict[tuple[int, int, int], float]) -> dict[tuple[int, int], float]:

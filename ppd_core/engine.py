@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import psutil
@@ -31,6 +32,9 @@ from .tree import TreeBuffers, TreeSpec, plain_spec
 
 PREFILL_CHUNK = 512
 MAX_MERGED_SHAPES = 4096  # cached tree + chain buffers per engine (each a few KB)
+# decoders whose forward is embeddings -> rotary -> layers -> norm, with nothing else (Gemma scales its embeddings,
+# others add sliding-window masks): the ones early pruning may walk layer by layer
+LAYERWISE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
 class InputError(ValueError):
@@ -43,6 +47,7 @@ class Settings:
     ppd: bool = True  # guesses from the trained prompt tokens
     ngram: bool = False  # guesses copied from the context (prompt, earlier turns, the reply so far)
     dynamic: bool = False  # size the tree every step from the guesses' confidence (needs a calibrated menu)
+    early_prune: bool = False  # drop unlikely nodes halfway through the layers (where the engine has a setting)
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     # sampling: temperature 0 = greedy (deterministic); otherwise top-k, top-p and min-p apply, in
@@ -95,6 +100,16 @@ def sampling_probs(logits: torch.Tensor, settings: Settings) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
+@dataclass(frozen=True)
+class EarlyPrune:
+    """ProPD's early pruning: after `layer` decoder layers, the LM head on that layer's (normalised) state
+    predicts each node's next token; a child survives only if its token is among its parent's `top_k`
+    predictions, and the remaining layers run on the survivors (and their prompt tokens) only. Pruning
+    only removes candidates, so the output is unchanged."""
+    layer: int
+    top_k: int
+
+
 @dataclass
 class Counters:
     """Running figures of one generation; the UI and the benchmark read these."""
@@ -102,7 +117,8 @@ class Counters:
     forward_passes: int = 0  # decoding forwards; the prefill of all but the last prompt token is separate
     accepted_guesses: int = 0  # tokens that came from accepted guesses (any source)
     accepted_ngram: int = 0  # of which guessed by the n-gram source
-    tree_nodes: int = 0  # candidate nodes verified (root excluded), over all forward passes
+    tree_nodes: int = 0  # candidate nodes in the trees (root excluded), over all forward passes
+    pruned_nodes: int = 0  # of which early pruning dropped before the last layer
     prompt_tokens: int = 0
     prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the session cache)
     prefill_s: float = 0.0
@@ -169,6 +185,12 @@ class Engine:
         self.calibration: dict | None = None  # the calibration report when the tree came from calibration
         self.menu: TreeMenu | None = None  # trees with calibrated step times, for Settings.dynamic
         self._merged: dict[tuple, TreeBuffers] = {}  # tree + n-gram chain shapes seen so far
+        self._pruned: dict[tuple, TreeBuffers] = {}  # subtrees left by early pruning
+        # early pruning walks the decoder's own layers one by one, which we do for decoders built like Llama's
+        # (embeddings in, rotary embeddings, layers, final norm); tests check it equals the stock forward
+        self.layerwise = all(hasattr(self.decoder, a) for a in ("layers", "rotary_emb", "norm")) and (
+            lm.model.config.model_type in LAYERWISE_MODEL_TYPES)
+        self.early_prune: EarlyPrune | None = None  # set by calibration where it pays, for Settings.early_prune
         n = prompt_tokens.n_tokens if prompt_tokens is not None else 0
         self.set_tree(tree if tree is not None else plain_spec(n))
         self._plain = TreeBuffers.from_spec(plain_spec(0), 0, device=self.device)
@@ -202,24 +224,67 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
 
-    def _forward(self, cache: DynamicCache, embeds: torch.Tensor, buf: TreeBuffers, past: int) -> torch.Tensor:
-        """Final hidden states of every tree row, with the rows' keys/values appended to `cache`.
+    def _forward(self, cache: DynamicCache, embeds: torch.Tensor, buf: TreeBuffers, past: int,
+                 prune: EarlyPrune | None = None, node_tokens: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final hidden states of the tree rows, with their keys/values appended to `cache`; and, when early
+        pruning dropped rows, which rows survived (the hidden states are theirs only), else None.
 
-        Logits are computed afterwards, only for the rows that need them (`_logits`): the LM head
-        is the largest matrix of a small model, and most prompt-token rows are never read.
+        Logits are computed afterwards (`_logits`) in one pass over the LM head.
         """
         rows = embeds.shape[0]
         positions = past + buf.offsets
         if rows == 1:  # plain step: causal attention needs no mask
             out = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], past_key_values=cache,
                                use_cache=True)
-            return out.last_hidden_state[0]
+            return out.last_hidden_state[0], None
         allow = buf.allow
         mask = torch.zeros(1, 1, allow.shape[0], past + allow.shape[0], dtype=self.dtype, device=self.device)
         mask[0, 0, :, past:].masked_fill_(~allow, torch.finfo(self.dtype).min)
-        out = self.decoder(inputs_embeds=embeds[None], attention_mask=mask, position_ids=positions[None],
-                           past_key_values=cache, use_cache=True)
-        return out.last_hidden_state[0]
+        if prune is not None and buf.n_nodes > 1:
+            return self._forward_pruned(cache, embeds, buf, past, mask, positions, prune, node_tokens)
+        prompt_rows = torch.arange(buf.n_nodes, rows, device=self.device)
+        with self.prompt_tokens.steering(self.model, prompt_rows, buf.prompt_source) if prompt_rows.numel() \
+                else nullcontext():
+            out = self.decoder(inputs_embeds=embeds[None], attention_mask=mask, position_ids=positions[None],
+                               past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[0], None
+
+    def _forward_pruned(self, cache: DynamicCache, embeds: torch.Tensor, buf: TreeBuffers, past: int,
+                        mask: torch.Tensor, positions: torch.Tensor, prune: EarlyPrune, node_tokens: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's own forward, written out layer by layer (rotary embeddings, layers, norm), with the
+        nodes the early predictor rules out dropped after `prune.layer` layers, with their subtrees and
+        prompt tokens. Layers before the cut keep every row's keys/values, later layers the survivors'."""
+        dec = self.decoder
+        h, pos, n = embeds[None], positions[None], buf.n_nodes
+        rotary = dec.rotary_emb(h, pos)
+        offsets = self.prompt_tokens.offsets if self.prompt_tokens is not None else None
+        prompt_rows, source = torch.arange(n, h.shape[1], device=self.device), buf.prompt_source
+        kept = torch.arange(h.shape[1], device=self.device)
+        for i, layer in enumerate(dec.layers):
+            if i == prune.layer:
+                kept = self._early_survivors(dec.norm(h[0, :n]), buf, node_tokens, prune.top_k)
+                h, pos, rotary = h[:, kept], pos[:, kept], tuple(x[:, kept] for x in rotary)
+                cols = torch.cat([torch.arange(past, device=self.device), past + kept])
+                mask = mask[:, :, kept][..., cols]
+                n_kept = int((kept < n).sum())
+                prompt_rows, source = torch.arange(n_kept, kept.numel(), device=self.device), buf.prompt_source[
+                    kept[n_kept:] - n]
+            if i and offsets is not None and source.numel():  # the deep prompt tokens' per-layer offsets (steering)
+                h = h.index_add(1, prompt_rows, offsets[i - 1][source][None].to(h.dtype))
+            h = layer(h, attention_mask=mask, position_embeddings=rotary, position_ids=pos, past_key_values=cache,
+                      use_cache=True)
+        return dec.norm(h)[0], kept
+
+    def _early_survivors(self, early_hidden: torch.Tensor, buf: TreeBuffers, node_tokens: torch.Tensor,
+                         top_k: int) -> torch.Tensor:
+        """Rows to keep: nodes whose every ancestor's token is in its parent's early top-k, and their prompt rows."""
+        top = self._logits(early_hidden).topk(min(top_k, self.model.config.vocab_size), dim=-1).indices
+        likely = torch.ones(buf.n_nodes, dtype=torch.bool, device=self.device)
+        likely[1:] = (top[buf.parents[1:]] == node_tokens[1:, None]).any(-1)
+        keep = ~(buf.ancestors & ~likely).any(-1)
+        return keep[buf.owner].nonzero().flatten()
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's LM head on some rows, in float32, through the same few-row matmul as the decoder
@@ -285,44 +350,57 @@ class Engine:
         if buf.prompt_source.numel():
             embeds = torch.cat([embeds, self.prompt_tokens.embeddings[buf.prompt_source].to(embeds.dtype)])
         past = state.cache.get_seq_length()
-        n_nodes = buf.n_nodes
-        if buf.prompt_source.numel():
-            prompt_rows = torch.arange(n_nodes, n_nodes + buf.prompt_source.numel(), device=self.device)
-            with self.prompt_tokens.steering(self.model, prompt_rows, buf.prompt_source):
-                hidden = self._forward(state.cache, embeds, buf, past)
-        else:
-            hidden = self._forward(state.cache, embeds, buf, past)
+        prune = self.early_prune if (settings.early_prune and self.layerwise and buffers is None) else None
+        hidden, kept = self._forward(state.cache, embeds, buf, past, prune, node_tokens)
+        # verification runs on the nodes that reached the last layer: all of them, or early pruning's survivors
+        tree, tokens, survivors = buf, node_tokens, None
+        if kept is not None:
+            survivors = kept[kept < buf.n_nodes]
+            tree, tokens = self._subtree(buf, survivors), node_tokens[survivors]
 
         # one pass over the LM head for the nodes and every prompt-token row: the head is read from
         # memory once (a second pass for the winning node's prompt rows cost ~10 ms here)
         logits = self._logits(hidden)
-        node_logits = self._process(logits[:n_nodes], state.seen, node_tokens, buf.ancestors, settings)
+        node_logits = self._process(logits[:tree.n_nodes], state.seen, tokens, tree.ancestors, settings)
         if settings.sampling:
-            best, next_token = self._verify_sampled(buf, node_tokens, node_logits, settings, state.rng)
+            best, next_token = self._verify_sampled(tree, tokens, node_logits, settings, state.rng)
         else:
             pred = node_logits.argmax(-1)
-            ok = torch.ones(n_nodes, dtype=torch.bool, device=self.device)
-            if n_nodes > 1:
-                ok[1:] = node_tokens[1:] == pred[buf.parents[1:]]
-            path_ok = ~(buf.ancestors & ~ok).any(-1)
+            ok = torch.ones(tree.n_nodes, dtype=torch.bool, device=self.device)
+            if tree.n_nodes > 1:
+                ok[1:] = tokens[1:] == pred[tree.parents[1:]]
+            path_ok = ~(tree.ancestors & ~ok).any(-1)
             # deepest fully accepted node; argmax takes the first of equals
-            best = int(torch.argmax(torch.where(path_ok, buf.depth, -1)))
+            best = int(torch.argmax(torch.where(path_ok, tree.depth, -1)))
             next_token = int(pred[best])
-        path = buf.path(best)
-
-        self._commit(state.cache, past, path, hidden.shape[0])
-        if dynamic:
-            self._learn_acceptance(state.acceptance, static, q, path)
-
-        rows = buf.prompt_rows[best]  # [attached, m]: the next step's guesses
+        rows = tree.prompt_rows[best]  # [attached, m]: the next step's guesses
         state.prompt_logits = (logits[rows.flatten()].view(*rows.shape, -1).mean(1)
                                if (use_ppd and rows.numel()) else None)
+        path = tree.path(best)
+        if survivors is None:
+            self._commit(state.cache, past, path, hidden.shape[0])
+        else:  # layers before the cut hold every row, later ones the survivors' only
+            path, late = survivors[path], path  # `path` in this step's full tree again
+            self._commit(state.cache, past, path, buf.size, (prune.layer, late))
+
+        if dynamic:
+            self._learn_acceptance(state.acceptance, static, q, path)
         accepted = path[1:].tolist()
         if chain_nodes:
             state.ngram_stats.update(len(chain_nodes), len(set(accepted) & set(chain_nodes)))
         provenance = ["ngram" if from_chain[i] else "ppd" for i in accepted] + ["model"]
-        state.tree_nodes = n_nodes - 1
+        state.tree_nodes, state.pruned_nodes = buf.n_nodes - 1, buf.n_nodes - tree.n_nodes
         return node_tokens[path[1:]].tolist() + [next_token], provenance
+
+    def _subtree(self, buf: TreeBuffers, survivors: torch.Tensor) -> TreeBuffers:
+        key = (tuple(buf.parents.tolist()), tuple(buf.attached), tuple(survivors.tolist()))
+        sub = self._pruned.get(key)
+        if sub is None:
+            if len(self._pruned) >= MAX_MERGED_SHAPES:
+                self._pruned.clear()
+            m = self.prompt_tokens.n_virtual if self.prompt_tokens is not None else 1
+            sub = self._pruned[key] = buf.subtree(survivors.tolist(), m)
+        return sub
 
     @staticmethod
     def _learn_acceptance(stats: AcceptanceStats, buf: TreeBuffers, q: torch.Tensor, path: torch.Tensor) -> None:
@@ -398,17 +476,24 @@ class Engine:
         return merged, torch.tensor(tokens, device=self.device), from_chain, chain_nodes
 
     @staticmethod
-    def _commit(cache: DynamicCache, past: int, path: torch.Tensor, rows: int) -> None:
-        """Keep the cache entries of the accepted path (moved next to the prefix), drop the rest."""
+    def _commit(cache: DynamicCache, past: int, path: torch.Tensor, rows: int,
+                late: tuple[int, torch.Tensor] | None = None) -> None:
+        """Keep the cache entries of the accepted path (moved next to the prefix), drop the rest.
+
+        `path`: the path's rows in this step's input; with early pruning, `late` = (cut layer, the path's
+        rows among the survivors), which is what the layers from the cut on hold."""
         n = path.shape[0]
         if n == rows and n == 1:  # plain step: the one new entry is already in place
             return
-        # nodes are stored parents first, so the path's head is often in place already (always the root):
-        # move only the rest (copying every layer's whole path cost ~2 ms per step here)
-        moved = (path != torch.arange(n, device=path.device)).nonzero()
-        first = int(moved[0]) if moved.numel() else n
-        keep = past + path[first:]
-        for layer in cache.layers:
+        moves = {}
+        for p in (path,) if late is None else (path, late[1]):
+            # nodes are stored parents first, so the path's head is often in place already (always the root):
+            # move only the rest (copying every layer's whole path cost ~2 ms per step here)
+            moved = (p != torch.arange(n, device=p.device)).nonzero()
+            first = int(moved[0]) if moved.numel() else n
+            moves[id(p)] = (first, past + p[first:])
+        for i, layer in enumerate(cache.layers):
+            first, keep = moves[id(late[1] if late is not None and i >= late[0] else path)]
             for name in ("keys", "values"):
                 kv = getattr(layer, name)
                 if first < n:
@@ -460,6 +545,7 @@ class Engine:
                 new, sources = self._step(state, settings, guesser)
                 counters.forward_passes += 1
                 counters.tree_nodes += state.tree_nodes
+                counters.pruned_nodes += state.pruned_nodes
                 if state.ngram is not None:
                     state.ngram.extend(new)
                 out_ids, prov = [], []
@@ -529,7 +615,8 @@ class _State:
     ngram_stats: NgramStats | None = None
     acceptance: AcceptanceStats | None = None
     rng: torch.Generator | None = None  # sampling draws, seeded per reply
-    tree_nodes: int = 0  # candidate nodes the last step verified
+    tree_nodes: int = 0  # candidate nodes in the last step's tree
+    pruned_nodes: int = 0  # of which early pruning dropped
 
 
 class _Detokenizer:

@@ -29,7 +29,7 @@ def build_engine(model: str | None = None, dtype: str = "auto", device: str = "a
     Tree: the given spec file; else a tree of `tree_size` rows built from the measured accuracies;
     else the calibrated tree for this machine (measured once, then cached).
     """
-    from .calibrate import CALIBRATION_PROMPTS, accuracy_table, calibrate, menu_from_report
+    from .calibrate import CALIBRATION_PROMPTS, accuracy_table, calibrate, early_prune_from_report, menu_from_report
 
     lm = load_model(model, dtype=dtype, device=device, quantization=quantization)
     path = Path(prompt_tokens) if prompt_tokens else shipped_prompt_tokens(model or DEFAULT_MODEL)
@@ -50,4 +50,5 @@ def build_engine(model: str | None = None, dtype: str = "auto", device: str = "a
         engine.set_tree(cal.tree)
         engine.calibration = cal.report
         engine.menu = menu_from_report(cal.report, pt.n_virtual, engine.device)
+        engine.early_prune = early_prune_from_report(cal.report)
     return engine

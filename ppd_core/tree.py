@@ -219,6 +219,7 @@ class TreeBuffers:
     allow: torch.Tensor  # [T, T] bool: row may attend to column
     offsets: torch.Tensor  # [T] position relative to the root
     attached: list[int]  # per node: prompt tokens riding on it
+    owner: torch.Tensor  # [T] node each row belongs to (a node row: itself; a prompt row: its node)
 
     @property
     def n_nodes(self) -> int:
@@ -269,7 +270,16 @@ class TreeBuffers:
             allow=allow.to(device),
             offsets=offsets.to(device),
             attached=list(attached),
+            owner=torch.tensor(list(range(n_nodes)) + [c for c, _, _ in rows], dtype=torch.long, device=device),
         )
+
+    def subtree(self, keep: list[int], n_virtual: int = 1) -> TreeBuffers:
+        """The tree of the kept nodes (each kept with its whole path), renumbered in the same order; rows come
+        in the order the kept rows had in this tree, so a forward over those rows matches it row for row."""
+        new = {old: i for i, old in enumerate(keep)}
+        parents = self.parents.tolist()
+        return TreeBuffers.build([new[parents[c]] if i else -1 for i, c in enumerate(keep)], list(range(len(keep))),
+                                 [self.attached[c] for c in keep], n_virtual, self.parents.device)
 
     @classmethod
     def from_spec(cls, spec: TreeSpec, d: int, n_virtual: int = 1, device: torch.device | str = "cpu"
