@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from ppd_core.engine import Engine, InputError, Session, Settings
+from ppd_core.engine import EarlyPrune, Engine, InputError, Session, Settings
 from ppd_core.models import ModelError, load_model
 from ppd_core.prompt_tokens import PromptTokenError, PromptTokens
 from ppd_core.tree import TreeBuffers, build_tree, default_tree
@@ -134,6 +134,30 @@ def test_full_engine_with_a_dynamic_tree_equals_plain(engine: Engine, prompts: l
     for prompt, expected in zip(prompts, plain_outputs, strict=True):
         assert run(fast, prompt, replace(CHAT, ngram=True, dynamic=True)) == expected
     assert len(set(chosen)) >= 2, chosen
+
+
+@pytest.mark.parametrize("prune", [EarlyPrune(8, 1), EarlyPrune(15, 3)])
+def test_early_pruning_equals_plain(engine: Engine, prompts: list[str], plain_outputs: list[list[int]],
+                                    prune: EarlyPrune):
+    """ProPD's early pruning with prompt tokens + n-gram guesses on the 16-node default tree; the cut at layer 8
+    of 30 with the early top-1 is a forced aggressive setting that drops most nodes."""
+    from dataclasses import replace
+
+    pruning = Engine(engine.lm, engine.prompt_tokens, default_tree(3))
+    pruning.early_prune = prune
+    assert pruning.layerwise
+    nodes = pruned = accepted = 0
+    for prompt, expected in zip(prompts[:4], plain_outputs[:4], strict=True):
+        ids = pruning.encode([{"role": "user", "content": prompt}])
+        out, last = [], None
+        for chunk in pruning.generate(prompt_ids=ids, settings=replace(CHAT, ngram=True, early_prune=True)):
+            out += chunk.token_ids
+            last = chunk.counters
+        assert out == expected
+        nodes, pruned, accepted = nodes + last.tree_nodes, pruned + last.pruned_nodes, accepted + last.accepted_guesses
+    assert 0 < pruned < nodes and accepted > 0
+    if prune.top_k == 1:
+        assert pruned > nodes / 2
 
 
 def test_ppd_random_tokens_equal_plain(lm, prompts: list[str], plain_outputs: list[list[int]]):
