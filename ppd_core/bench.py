@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from .calibrate import CALIBRATION_PROMPTS, accuracy_table
-from .engine import Engine, InputError, Session, Settings
+from .engine import EarlyPrune, Engine, InputError, Session, Settings
 from .tree import TreeSpec, build_tree, default_tree
 
 MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram", "ppd_dynamic", "propd")
@@ -59,6 +59,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="base seed of the sampled modes")
+    p.add_argument("--early-prune", default=None, metavar="LAYER,TOP_K",
+                   help="force early pruning in propd (cut after LAYER layers, keep the early TOP_K), or 'off'; "
+                        "default: what calibration chose for this machine")
 
 
 @dataclass
@@ -234,6 +237,8 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
                      "min_p": settings.min_p, "seed": settings.seed} if settings.sampling else None,
         "tree_budgets": {m: t.budget for m, t in trees.items()},
         "parameter_overhead": engine.parameter_overhead,
+        "early_prune": {"layer": engine.early_prune.layer, "top_k": engine.early_prune.top_k}
+        if engine.early_prune else None,
         "modes": {m: t.summary() for m, t in totals.items()},
         "identical_to_plain": {m: t.outputs == plain.outputs for m, t in totals.items()}
         if plain and not settings.sampling else {},
@@ -259,6 +264,19 @@ def markdown_table(report: dict, modes: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def parse_early_prune(text: str, depth: int) -> EarlyPrune | None:
+    """'off' or 'LAYER,TOP_K' with 1 <= LAYER < depth and TOP_K >= 1."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        layer, top_k = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--early-prune takes LAYER,TOP_K or off, not {text!r}") from None
+    if not (1 <= layer < depth and top_k >= 1):
+        raise ValueError(f"--early-prune needs 1 <= LAYER < {depth} and TOP_K >= 1")
+    return EarlyPrune(layer, top_k)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from .runtime import build_engine
 
@@ -270,6 +288,12 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree,
                           tree_size=args.tree_size)
+    if args.early_prune:
+        try:
+            engine.early_prune = parse_early_prune(args.early_prune, engine.model.config.num_hidden_layers)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     trees = {}
     for m in modes:
         if m == "ppd_default":
@@ -294,6 +318,11 @@ def run_bench(args: argparse.Namespace) -> int:
           f"repetition penalty {args.repetition_penalty}{sampling}, tree budget {report['tree_budget']}"
           f"{' ' + str(report['tree_budgets']) if report['tree_budgets'] else ''}\n")
     print(markdown_table(report))
+    if "propd" in report["modes"]:
+        ep, frac = report["early_prune"], report["modes"]["propd"].get("pruned_fraction")
+        what = (f"after layer {ep['layer']}, early top-{ep['top_k']}: {100 * (frac or 0):.1f} % of the tree's "
+                "nodes pruned") if ep else "off (calibration)"
+        print(f"\npropd: early pruning {what}")
     for turn, modes in report["turns"].items():
         print(f"\nturn {turn} only:\n")
         print(markdown_table(report, modes))

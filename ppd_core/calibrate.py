@@ -393,11 +393,19 @@ def plot_curve(report: dict, path: str | Path) -> None:
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[2].legend()
-    fig.suptitle(f"{report.get('model', '')} on {report['hardware']['description']}, {report.get('dtype', '')}",
-                 fontsize=9)
+    fig.suptitle(f"{report.get('model', '')} on {report['hardware']['description']}, {report.get('dtype', '')}\n"
+                 f"{early_prune_summary(report)}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def early_prune_summary(report: dict) -> str:
+    early = report.get("early_prune")
+    if not early:
+        return "early pruning: not calibrated"
+    state = f"on, cut after layer {early['layer']}, early top-{early['top_k']}" if early["enabled"] else "off"
+    return f"early pruning: {state} ({early.get('reason', '')})"
 
 
 def curve_table(report: dict) -> str:
@@ -417,6 +425,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(curve_table(cal.report))
     print(f"\nB* = {cal.report['b_star']} ({'cached' if cal.report['cached'] else 'measured'}; "
           f"fingerprint {cal.report['fingerprint']}, {cal.report['seconds']} s)")
+    print(early_prune_summary(cal.report))
     if args.json:
         Path(args.json).write_text(json.dumps(cal.report, indent=2))
     if args.plot:

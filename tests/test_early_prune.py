@@ -157,3 +157,15 @@ def test_calibration_measures_every_cut_and_top_k_when_the_bound_allows(engine: 
     chosen = cal.early_prune_from_report({"early_prune": report})
     assert chosen == (EarlyPrune(best["layer"], best["top_k"]) if on else None)
     assert engine.early_prune is None  # the trials restored the engine
+
+
+def test_bench_early_prune_option():
+    from ppd_core.bench import parse_early_prune
+
+    assert parse_early_prune("15,3", 30) == EarlyPrune(15, 3)
+    assert parse_early_prune("off", 30) is None
+    for bad in ("15", "a,b", "0,3", "30,3", "15,0"):
+        with pytest.raises(ValueError, match="early-prune"):
+            parse_early_prune(bad, 30)
+    report = {"early_prune": {"enabled": False, "layer": None, "top_k": None, "reason": "cannot pay here"}}
+    assert cal.early_prune_summary(report) == "early pruning: off (cannot pay here)"
