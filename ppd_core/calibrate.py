@@ -260,6 +260,31 @@ def time_early_head(engine: Engine, rows: int, repeats: int = 9) -> float:
     return statistics.median(times[1:])
 
 
+@torch.inference_mode()
+def early_agreement(engine: Engine, texts: list[str], cuts: list[int]) -> dict[str, dict[str, float]]:
+    """The early predictor's accuracy: how often the LM head on the state after `cut` layers has the model's
+    own final choice (argmax of the last layer) in its top-k, over every position of `texts` (chat-encoded)."""
+    captured: dict[int, torch.Tensor] = {}
+    layers = list(engine.decoder.layers)
+    hooks = [layers[c - 1].register_forward_hook(lambda m, a, out, c=c: captured.__setitem__(c, out)) for c in cuts]
+    hits = {c: dict.fromkeys(EARLY_TOP_K, 0) for c in cuts}
+    total = 0
+    try:
+        for text in texts:
+            ids = torch.tensor([engine.encode([{"role": "user", "content": text}])], device=engine.device)
+            final = engine.model(input_ids=ids).logits[0].argmax(-1)
+            for c in cuts:
+                state = captured[c][0] if isinstance(captured[c], tuple) else captured[c]
+                top = engine._logits(engine.decoder.norm(state[0])).topk(max(EARLY_TOP_K), dim=-1).indices
+                for k in EARLY_TOP_K:
+                    hits[c][k] += int((top[:, :k] == final[:, None]).any(-1).sum())
+            total += final.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {str(c): {str(k): round(n / max(1, total), 4) for k, n in by_k.items()} for c, by_k in hits.items()}
+
+
 def pruned_run(engine: Engine, prompts: list[str], prune: EarlyPrune | None, max_new_tokens: int = 32) -> dict:
     """tokens/s, tau and the fraction of nodes pruned on `prompts`, with the engine's tree and `prune`."""
     before = engine.early_prune
@@ -299,14 +324,16 @@ def choose_early_prune(engine: Engine, tree: TreeSpec, b_star: int, curve: list[
     head_ms = 1e3 * time_early_head(engine, max(len(nodes) for nodes in tree.trees.values()))
     cuts = sorted({min(depth - 1, max(1, round(f * depth))) for f in EARLY_CUTS})
     bound = {c: (1 - c / depth) * (tree_ms - plain_ms) for c in cuts}
+    rows = [json.loads(line) for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    prompts = [r["turns"][0] for r in rows]
     report.update(head_ms=round(head_ms, 2), tree_step_ms=round(tree_ms, 2), plain_step_ms=round(plain_ms, 2),
-                  max_saving_ms={str(c): round(v, 2) for c, v in bound.items()})
+                  max_saving_ms={str(c): round(v, 2) for c, v in bound.items()},
+                  agreement=early_agreement(engine, prompts[:8], cuts))
     if max(bound.values()) <= head_ms and not try_anyway:
         report["reason"] = (f"cannot pay here: pruning every node after the cut would save at most "
                             f"{max(bound.values()):.1f} ms per step, the early predictor costs {head_ms:.1f} ms")
         return report
-    rows = [json.loads(line) for line in Path(prompts_file).read_text().splitlines() if line.strip()]
-    prompts = [r["turns"][0] for r in rows[:2]]
+    prompts = prompts[:2]
     saved = engine.tree
     engine.set_tree(tree)
     try:

@@ -138,6 +138,11 @@ def test_calibration_switches_pruning_off_when_even_pruning_everything_cannot_pa
                                     progress=False)
     assert report["enabled"] is False and "cannot pay" in report["reason"]
     assert report["head_ms"] == 6.0 and max(report["max_saving_ms"].values()) < 6.0
+    agreement = report["agreement"]  # the early predictor's accuracy, per cut and top-k
+    assert set(agreement) == {"1", "2", "3"}
+    for by_k in agreement.values():
+        rates = [by_k[str(k)] for k in cal.EARLY_TOP_K]
+        assert 0 <= rates[0] <= rates[1] <= rates[2] <= 1
     assert cal.early_prune_from_report({"early_prune": report}) is None
     assert cal.choose_early_prune(engine, engine.tree, 0, curve(54.0, 48.5), cal.CALIBRATION_PROMPTS,
                                   progress=False)["enabled"] is False  # plain decoding: nothing to prune
