@@ -7,6 +7,7 @@ Modes run interleaved per prompt (rotating order, so drift in machine load sprea
 - ppd:              the engine with PPD on
 - ngram:            the engine with guesses copied from the context only
 - ppd_ngram:        both sources in one tree
+- ppd_ngram_pruned: ppd_ngram with early pruning (calibration's setting or --early-prune): pruning's own effect
 - ppd_dynamic:      PPD with the tree chosen every step from the guesses' confidence (calibrated menu)
 - propd:            both sources, the dynamic tree and early pruning where calibration switched it on
 - ppd_b<B>, ppd_default: PPD with a tree of budget B built from the measured accuracies, or with the
@@ -37,10 +38,12 @@ from .calibrate import CALIBRATION_PROMPTS, accuracy_table
 from .engine import EarlyPrune, Engine, InputError, Session, Settings
 from .tree import TreeSpec, build_tree, default_tree
 
-MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram", "ppd_dynamic", "propd")
+MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram", "ppd_ngram_pruned", "ppd_dynamic",
+         "propd")
 # mode -> (ppd, ngram, dynamic, early_prune)
 ENGINE_MODES = {"plain": (False, False, False, False), "ppd": (True, False, False, False),
                 "ngram": (False, True, False, False), "ppd_ngram": (True, True, False, False),
+                "ppd_ngram_pruned": (True, True, False, True),
                 "ppd_dynamic": (True, False, True, False), "propd": (True, True, True, True)}
 DEFAULT_MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ppd_ngram", "propd")
 
@@ -92,6 +95,7 @@ class ModeTotals:
                 "new_tokens": self.new_tokens, "forward_passes": self.forward_passes or None,
                 "nodes_per_step": self.tree_nodes / self.forward_passes if self.forward_passes else None,
                 "pruned_fraction": self.pruned_nodes / self.tree_nodes if self.tree_nodes else None,
+                "step_ms": 1e3 * self.decode_seconds / self.forward_passes if self.forward_passes else None,
                 "seconds": round(self.seconds, 3), "peak_memory_mb": round(self.peak_memory_mb, 1)}
 
 
@@ -318,11 +322,12 @@ def run_bench(args: argparse.Namespace) -> int:
           f"repetition penalty {args.repetition_penalty}{sampling}, tree budget {report['tree_budget']}"
           f"{' ' + str(report['tree_budgets']) if report['tree_budgets'] else ''}\n")
     print(markdown_table(report))
-    if "propd" in report["modes"]:
-        ep, frac = report["early_prune"], report["modes"]["propd"].get("pruned_fraction")
-        what = (f"after layer {ep['layer']}, early top-{ep['top_k']}: {100 * (frac or 0):.1f} % of the tree's "
-                "nodes pruned") if ep else "off (calibration)"
-        print(f"\npropd: early pruning {what}")
+    for mode in ("ppd_ngram_pruned", "propd"):
+        if mode in report["modes"]:
+            ep, m = report["early_prune"], report["modes"][mode]
+            what = (f"after layer {ep['layer']}, early top-{ep['top_k']}: {100 * (m['pruned_fraction'] or 0):.1f} % of "
+                    f"the tree's nodes pruned, {m['step_ms']:.1f} ms per decoding step") if ep else "off (calibration)"
+            print(f"\n{mode}: early pruning {what}")
     for turn, modes in report["turns"].items():
         print(f"\nturn {turn} only:\n")
         print(markdown_table(report, modes))

@@ -174,3 +174,20 @@ def test_bench_early_prune_option():
             parse_early_prune(bad, 30)
     report = {"early_prune": {"enabled": False, "layer": None, "top_k": None, "reason": "cannot pay here"}}
     assert cal.early_prune_summary(report) == "early pruning: off (cannot pay here)"
+
+
+def test_bench_measures_pruning_side_by_side(engine: Engine):
+    from ppd_core.bench import benchmark
+
+    engine.early_prune = EarlyPrune(1, 1)
+    try:
+        prompts = [{"id": "a", "turns": ["hello there"]}, {"id": "b", "turns": ["abcabc"]}]
+        report = benchmark(engine, prompts, ("plain", "ppd_ngram", "ppd_ngram_pruned", "propd"), Settings(
+            max_new_tokens=12))
+    finally:
+        engine.early_prune = None
+    assert all(report["identical_to_plain"].values())
+    assert report["early_prune"] == {"layer": 1, "top_k": 1}
+    modes = report["modes"]
+    assert modes["ppd_ngram"]["pruned_fraction"] == 0 and modes["ppd_ngram_pruned"]["pruned_fraction"] > 0
+    assert modes["ppd_ngram_pruned"]["step_ms"] > 0
