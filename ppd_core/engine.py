@@ -485,15 +485,17 @@ class Engine:
         n = path.shape[0]
         if n == rows and n == 1:  # plain step: the one new entry is already in place
             return
-        moves = {}
-        for p in (path,) if late is None else (path, late[1]):
+        def placement(rows_of_path: torch.Tensor) -> tuple[int, torch.Tensor]:
             # nodes are stored parents first, so the path's head is often in place already (always the root):
             # move only the rest (copying every layer's whole path cost ~2 ms per step here)
-            moved = (p != torch.arange(n, device=p.device)).nonzero()
+            moved = (rows_of_path != torch.arange(n, device=rows_of_path.device)).nonzero()
             first = int(moved[0]) if moved.numel() else n
-            moves[id(p)] = (first, past + p[first:])
+            return first, past + rows_of_path[first:]
+
+        before_cut = placement(path)
+        cut, after_cut = (late[0], placement(late[1])) if late is not None else (len(cache.layers), before_cut)
         for i, layer in enumerate(cache.layers):
-            first, keep = moves[id(late[1] if late is not None and i >= late[0] else path)]
+            first, keep = before_cut if i < cut else after_cut
             for name in ("keys", "values"):
                 kv = getattr(layer, name)
                 if first < n:
