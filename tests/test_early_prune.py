@@ -90,29 +90,39 @@ def test_subtree_keeps_rows_in_order():
     torch.testing.assert_close(sub.allow, buf.allow[kept_rows][:, kept_rows])
 
 
+TEXTS = ("hello world", "abcabcabc", "the quick brown fox")
+PENALTIES = (1.0, 1.3)
+
+
+@pytest.fixture(scope="module")
+def plain_replies(engine: Engine) -> dict[tuple[str, float], list[int]]:
+    return {(t, p): reply(engine, t, ppd=False, repetition_penalty=p)[0] for t in TEXTS for p in PENALTIES}
+
+
 @pytest.mark.parametrize("ngram", [False, True])
 @pytest.mark.parametrize("prune", [EarlyPrune(1, 1), EarlyPrune(2, 3), EarlyPrune(0, 1)])
-def test_early_pruning_is_lossless(engine: Engine, prune: EarlyPrune, ngram: bool):
+def test_early_pruning_is_lossless(engine: Engine, plain_replies: dict, prune: EarlyPrune, ngram: bool):
     engine.early_prune = prune
     guesser = greedy_guesser(engine.model)
     try:
         pruned_any = accepted = 0
-        for text in ["hello world", "abcabcabc", "the quick brown fox"]:
-            for penalty in (1.0, 1.3):
-                plain, _ = reply(engine, text, ppd=False, repetition_penalty=penalty)
-                full, c_full = reply(engine, text, guesser, ngram=ngram, repetition_penalty=penalty)
-                pruned, c = reply(engine, text, guesser, ngram=ngram, repetition_penalty=penalty, early_prune=True)
-                assert pruned == full == plain and len(plain) >= 10
-                assert c_full.pruned_nodes == 0 and c.pruned_nodes <= c.tree_nodes
-                pruned_any += c.pruned_nodes
-                accepted += c.accepted_guesses  # multi-token commits happened under pruning
-                if prune.top_k == 1:  # aggressive: most candidates go
-                    assert c.pruned_nodes > c.tree_nodes / 2
+        for (text, penalty), plain in plain_replies.items():
+            pruned, c = reply(engine, text, guesser, ngram=ngram, repetition_penalty=penalty, early_prune=True)
+            assert pruned == plain and len(plain) >= 10
+            assert c.pruned_nodes <= c.tree_nodes
+            pruned_any += c.pruned_nodes
+            accepted += c.accepted_guesses  # multi-token commits happened under pruning
+            if prune.top_k == 1:  # aggressive: most candidates go
+                assert c.pruned_nodes > c.tree_nodes / 2
         assert pruned_any > 0
         if prune.top_k > 1:  # pruned steps that still accepted guesses: the cut layers' commits were exercised
             assert accepted > 0
     finally:
         engine.early_prune = None
+    # the same guesses without pruning: nothing pruned, same reply
+    text, penalty = TEXTS[0], PENALTIES[1]
+    full, c_full = reply(engine, text, guesser, ngram=ngram, repetition_penalty=penalty)
+    assert full == plain_replies[(text, penalty)] and c_full.pruned_nodes == 0
 
 
 def test_early_pruning_keeps_seeded_sampling_reproducible(engine: Engine):
