@@ -79,7 +79,7 @@ def test_chain_tree_reproduces_causal_logits(engine: Engine):
     buf = TreeBuffers.build(parents=[-1, 0, 1, 2, 3, 4], cand_index=list(range(6)), attached=[0] * 6)
     cache = _prefill(engine, ids[:-6])
     embeds = engine.model.get_input_embeddings()(torch.tensor(chain))
-    tree = engine._logits(engine._forward(cache, embeds, buf, len(ids) - 6))
+    tree = engine._logits(engine._forward(cache, embeds, buf, len(ids) - 6)[0])
     assert torch.equal(tree.argmax(-1), full.argmax(-1))
     assert (tree - full).abs().max() < 1e-3
 
@@ -92,7 +92,7 @@ def test_branching_tree_gives_each_branch_its_own_logits(engine: Engine):
     buf = TreeBuffers.build(parents=[-1, 0, 1, 2, 0, 4], cand_index=list(range(6)), attached=[0] * 6)
     tokens = torch.tensor([ids[-1], *a, *b])
     cache = _prefill(engine, ids[:-1])
-    tree = engine._logits(engine._forward(cache, engine.model.get_input_embeddings()(tokens), buf, len(ids) - 1))
+    tree = engine._logits(engine._forward(cache, engine.model.get_input_embeddings()(tokens), buf, len(ids) - 1)[0])
     alone_a = engine.model(input_ids=torch.tensor([ids + a])).logits[0, -4:].float()
     alone_b = engine.model(input_ids=torch.tensor([ids + b])).logits[0, -3:].float()
     assert (tree[[0, 1, 2, 3]] - alone_a).abs().max() < 1e-3
