@@ -31,7 +31,7 @@ from .prompt_tokens import PromptTokens
 from .tree import TreeBuffers, TreeSpec, plain_spec
 
 PREFILL_CHUNK = 512
-MAX_MERGED_SHAPES = 4096  # cached tree + chain buffers per engine (each a few KB)
+MAX_CACHED_SHAPES = 4096  # cached per-step tree buffers per engine (each a few KB)
 # decoders whose forward is embeddings -> rotary -> layers -> norm, with nothing else (Gemma scales its embeddings,
 # others add sliding-window masks): the ones early pruning may walk layer by layer
 LAYERWISE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -184,8 +184,7 @@ class Engine:
         self.softcap = getattr(lm.model.config, "final_logit_softcapping", None)
         self.calibration: dict | None = None  # the calibration report when the tree came from calibration
         self.menu: TreeMenu | None = None  # trees with calibrated step times, for Settings.dynamic
-        self._merged: dict[tuple, TreeBuffers] = {}  # tree + n-gram chain shapes seen so far
-        self._pruned: dict[tuple, TreeBuffers] = {}  # subtrees left by early pruning
+        self._shapes: dict[tuple, TreeBuffers] = {}  # per-step tree shapes seen so far (see _buffers_for)
         # early pruning walks the decoder's own layers one by one, which we do for decoders built like Llama's
         # (embeddings in, rotary embeddings, layers, final norm); tests check it equals the stock forward
         self.layerwise = all(hasattr(self.decoder, a) for a in ("layers", "rotary_emb", "norm")) and (
@@ -272,7 +271,7 @@ class Engine:
                 prompt_rows, source = torch.arange(n_kept, kept.numel(), device=self.device), buf.prompt_source[
                     kept[n_kept:] - n]
             if i and offsets is not None and source.numel():  # the deep prompt tokens' per-layer offsets (steering)
-                h = h.index_add(1, prompt_rows, offsets[i - 1][source][None].to(h.dtype))
+                h = self.prompt_tokens.add_offsets(h, offsets[i - 1][source], prompt_rows)
             h = layer(h, attention_mask=mask, position_embeddings=rotary, position_ids=pos, past_key_values=cache,
                       use_cache=True)
         return dec.norm(h)[0], kept
@@ -392,15 +391,19 @@ class Engine:
         state.tree_nodes, state.pruned_nodes = buf.n_nodes - 1, buf.n_nodes - tree.n_nodes
         return node_tokens[path[1:]].tolist() + [next_token], provenance
 
+    def _buffers_for(self, key: tuple, build: Callable[[int], TreeBuffers]) -> TreeBuffers:
+        """Tree buffers built per step (tree + n-gram chain, pruned subtrees), cached by shape: building them costs
+        ~0.5 ms of Python and a conversation reuses a few dozen shapes. `build` gets m (virtual tokens)."""
+        buf = self._shapes.get(key)
+        if buf is None:
+            if len(self._shapes) >= MAX_CACHED_SHAPES:
+                self._shapes.clear()
+            buf = self._shapes[key] = build(self.prompt_tokens.n_virtual if self.prompt_tokens is not None else 1)
+        return buf
+
     def _subtree(self, buf: TreeBuffers, survivors: torch.Tensor) -> TreeBuffers:
-        key = (tuple(buf.parents.tolist()), tuple(buf.attached), tuple(survivors.tolist()))
-        sub = self._pruned.get(key)
-        if sub is None:
-            if len(self._pruned) >= MAX_MERGED_SHAPES:
-                self._pruned.clear()
-            m = self.prompt_tokens.n_virtual if self.prompt_tokens is not None else 1
-            sub = self._pruned[key] = buf.subtree(survivors.tolist(), m)
-        return sub
+        key = ("pruned", tuple(buf.parents.tolist()), tuple(buf.attached), tuple(survivors.tolist()))
+        return self._buffers_for(key, lambda m: buf.subtree(survivors.tolist(), m))
 
     @staticmethod
     def _learn_acceptance(stats: AcceptanceStats, buf: TreeBuffers, q: torch.Tensor, path: torch.Tensor) -> None:
@@ -460,14 +463,8 @@ class Engine:
             return buf, node_tokens, [False] * buf.n_nodes, []
         parents, tokens, attached, from_chain = merge_chain(buf.parents.tolist(), node_tokens.tolist(),
                                                             buf.attached, chain)
-        shape = (tuple(parents), tuple(attached))
-        merged = self._merged.get(shape)
-        if merged is None:  # building buffers costs ~0.5 ms in Python; a conversation reuses a few dozen shapes
-            m = self.prompt_tokens.n_virtual if self.prompt_tokens is not None else 1
-            if len(self._merged) >= MAX_MERGED_SHAPES:
-                self._merged.clear()
-            merged = self._merged[shape] = TreeBuffers.build(parents, list(range(len(tokens))), attached, m,
-                                                             self.device)
+        merged = self._buffers_for(("chain", tuple(parents), tuple(attached)), lambda m: TreeBuffers.build(
+            parents, list(range(len(tokens))), attached, m, self.device))
         # the chain's own nodes (shared or new), root excluded, in depth order
         chain_nodes, cur = [], 0
         for tok in chain:

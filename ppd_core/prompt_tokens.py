@@ -82,12 +82,11 @@ class PromptTokens(nn.Module):
             yield
             return
         layers = list(model.get_decoder().layers)[1:]
-        per_layer = self.offsets[:, source][:, None]  # [L, 1, R, H]: one gather per step, not one per layer
+        per_layer = self.offsets[:, source]  # one gather per step, not one per layer
 
         def hook_for(i: int):
             def add_offsets(module: nn.Module, args: tuple) -> tuple:
-                hidden = args[0]
-                return (hidden.index_add(1, rows, per_layer[i].to(hidden.dtype)), *args[1:])
+                return (self.add_offsets(args[0], per_layer[i], rows), *args[1:])
             return add_offsets
 
         handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
@@ -96,6 +95,11 @@ class PromptTokens(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+    @staticmethod
+    def add_offsets(hidden: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """hidden [1, T, H] with one layer's offsets [R, H] added to the prompt-token rows `rows` [R]."""
+        return hidden.index_add(1, rows, offsets[None].to(hidden.dtype))
 
     @classmethod
     def init_for(cls, model: PreTrainedModel, n_tokens: int = 3, n_virtual: int = 1, how: str = "mean",
