@@ -21,13 +21,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def run_bench_kernels(args: argparse.Namespace) -> int:
     import torch
 
-    from ppd_core.cpu_kernels import time_linears
+    from ppd_core.cpu_kernels import kernel_isa, time_linears
     from ppd_core.models import load_model
 
     lm = load_model(args.model, args.dtype, args.device, args.quantization)
     weights = [m.weight for m in lm.model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
     print(f"{lm.name}, {str(lm.dtype).removeprefix('torch.')}: {len(weights)} decoder weight matrices, "
-          f"ms for all of them (best of 7)\n")
+          f"ms for all of them (best of 7); kernel: {kernel_isa()}\n")
     results = time_linears(weights)
     print("| rows | " + " | ".join(k for k in results[0] if k != "rows") + " |")
     print("|---" * len(results[0]) + "|")

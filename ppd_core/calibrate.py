@@ -28,6 +28,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from .cpu_kernels import kernel_signature
 from .dynamic import TreeMenu
 from .engine import Counters, EarlyPrune, Engine, Session, Settings
 from .hardware import Hardware, detect
@@ -71,7 +72,8 @@ def cache_key(engine: Engine, hw: Hardware) -> dict:
     pt = engine.prompt_tokens
     return {"version": CALIBRATION_VERSION, "fingerprint": hw.fingerprint, "model": model_signature(engine.model),
             "prompt_tokens": pt.weights_hash() if pt is not None else None, "dtype": str(engine.dtype),
-            "device": engine.device.type, "torch": torch.__version__, "transformers": transformers.__version__}
+            "device": engine.device.type, "torch": torch.__version__, "transformers": transformers.__version__,
+            "kernel": kernel_signature() if engine.device.type == "cpu" else None}
 
 
 def cache_path(key: dict, root: Path | None = None) -> Path:

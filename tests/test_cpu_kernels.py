@@ -35,7 +35,7 @@ def test_kernel_matches_float64(n_out: int, n_in: int):
 def test_a_row_is_bit_identical_alone_or_in_any_batch():
     """Plain decoding multiplies one row, a PPD tree many: the same row must give the same bits."""
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(1536 + 1, 576, generator=gen)  # N not a multiple of the 3-row weight blocks
+    w = torch.randn(1536 + 1, 576, generator=gen)  # N not a multiple of the 3- or 4-row weight blocks
     x = torch.randn(23, 576, generator=gen)
     alone = torch.cat([load_kernel().few_rows_linear(x[i:i + 1].contiguous(), w) for i in range(23)])
     for rows in (2, 3, 4, 7, 8, 13, 23):
