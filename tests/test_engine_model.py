@@ -99,6 +99,31 @@ def test_branching_tree_gives_each_branch_its_own_logits(engine: Engine):
     assert (tree[[0, 4, 5]] - alone_b).abs().max() < 1e-3
 
 
+@torch.inference_mode()
+def test_tree_rows_are_bit_identical_to_plain_steps(engine: Engine):
+    """On CPU in float32 every kernel a decoding step runs (few-row matmuls, attention over each row's own keys)
+    gives a row the same bits alone or inside a tree: PPD is lossless by construction, not only up to ties."""
+    if engine.lm.attn_implementation != "cpu_rows":
+        pytest.skip(f"bit-identity is a property of the CPU kernels; this model runs {engine.lm.attn_implementation}")
+    ids = engine.encode([{"role": "user", "content": "Write a haiku about rain."}])
+    a, b = [1000, 2000, 3000], [4000, 5000]
+    emb = engine.model.get_input_embeddings()
+
+    def plain_steps(tokens: list[int]) -> torch.Tensor:
+        cache, out = _prefill(engine, ids[:-1]), []
+        for i, tok in enumerate(tokens):
+            hidden, _ = engine._forward(cache, emb(torch.tensor([tok])), engine._plain, len(ids) - 1 + i)
+            out.append(engine._logits(hidden))
+        return torch.cat(out)
+
+    buf = TreeBuffers.build(parents=[-1, 0, 1, 2, 0, 4], cand_index=list(range(6)), attached=[0] * 6)
+    cache = _prefill(engine, ids[:-1])
+    hidden, _ = engine._forward(cache, emb(torch.tensor([ids[-1], *a, *b])), buf, len(ids) - 1)
+    tree = engine._logits(hidden)
+    assert torch.equal(tree[[0, 1, 2, 3]], plain_steps([ids[-1], *a]))
+    assert torch.equal(tree[[0, 4, 5]], plain_steps([ids[-1], *b]))
+
+
 # ---------------------------------------------------------------- PPD output == plain output
 
 def test_plain_engine_matches_hf_generate(engine: Engine, prompts: list[str], plain_outputs: list[list[int]]):
