@@ -198,6 +198,98 @@ static void attend_row(const float* q, const float* k, const float* v, int64_t k
   }
 }
 
+
+// ---------------------------------------------------------------- attention, AVX-512 (one KV head's query heads together)
+//
+// Same contract as attend_row, for the G query heads that share a key/value head: each key and value row is
+// loaded once for all of them. Still every output depends only on its own query row and key list.
+static bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
+
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2n));
+}
+
+// G query rows q[g] (D = 16 * DV floats each) against the keys listed in `keys`; buf holds G * (n + 16) floats.
+template <int G, int DV>
+static void attend_group512(const float* const* q, const float* k, const float* v, int64_t ks, int64_t vs,
+                            const int32_t* keys, int64_t n, float scale, float* buf, float* const* out) {
+  const int64_t stride = n + 16;
+  __m512 qv[G][DV];
+  for (int g = 0; g < G; ++g)
+    for (int b = 0; b < DV; ++b) qv[g][b] = _mm512_loadu_ps(q[g] + 16 * b);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* kr = k + keys[i] * ks;
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int b = 0; b < DV; ++b) {
+      const __m512 kv = _mm512_loadu_ps(kr + 16 * b);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(qv[g][b], kv, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) buf[g * stride + i] = _mm512_reduce_add_ps(acc[g]) * scale;
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* sc = buf + g * stride;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) mx = sc[i] > mx ? sc[i] : mx;
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {  // the tail is computed like a full vector, its extra lanes zeroed
+      const __mmask16 live = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + i), vmx)));
+      _mm512_storeu_ps(sc + i, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    inv[g] = 1.0f / _mm512_reduce_add_ps(vsum);
+  }
+  __m512 acc[G][DV];
+  for (int g = 0; g < G; ++g)
+    for (int b = 0; b < DV; ++b) acc[g][b] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* vr = v + keys[i] * vs;
+    __m512 w[G];
+    for (int g = 0; g < G; ++g) w[g] = _mm512_set1_ps(buf[g * stride + i]);
+    for (int b = 0; b < DV; ++b) {
+      const __m512 vv = _mm512_loadu_ps(vr + 16 * b);
+      for (int g = 0; g < G; ++g) acc[g][b] = _mm512_fmadd_ps(w[g], vv, acc[g][b]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int b = 0; b < DV; ++b) _mm512_storeu_ps(out[g] + 16 * b, _mm512_mul_ps(acc[g][b], _mm512_set1_ps(inv[g])));
+}
+
+// the (G, D) shapes with a grouped AVX-512 build; false = use the per-row AVX2 path
+static bool attend_group_avx512(int64_t G, int64_t D, const float* const* q, const float* k, const float* v,
+                                int64_t ks, int64_t vs, const int32_t* keys, int64_t n, float scale, float* buf,
+                                float* const* out) {
+#define PPD_CASE(GG, DD) if (G == GG && D == 16 * DD) { attend_group512<GG, DD>(q, k, v, ks, vs, keys, n, scale, buf, out); return true; }
+  PPD_CASE(1, 4) PPD_CASE(2, 4) PPD_CASE(3, 4) PPD_CASE(4, 4) PPD_CASE(5, 4) PPD_CASE(6, 4) PPD_CASE(8, 4)
+  PPD_CASE(1, 8) PPD_CASE(2, 8) PPD_CASE(3, 8) PPD_CASE(4, 8)
+#undef PPD_CASE
+  return false;
+}
+
+#pragma GCC pop_options
+
 // q [1, H, T, D], k/v [1, KVH, S, D] (last dim contiguous), mask: empty (every key allowed) or [1, 1, T, S], bool
 // (true = allowed) or additive float (0 = allowed, < -1e30 = blocked). Returns [1, T, H, D]; an empty tensor if
 // the mask holds other values (the caller then uses SDPA).
@@ -247,6 +339,25 @@ torch::Tensor tree_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   float* op = out.data_ptr<float>();
   const int64_t qh = q.stride(1), qt = q.stride(2), kh = k.stride(1), ks = k.stride(2), vh = v.stride(1),
                 vs = v.stride(2), group = H / KVH;
+  if (has_avx512() && D % 16 == 0) {  // one work item = one KV head's query heads for one row
+    bool done = true;
+    at::parallel_for(0, KVH * T, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> buf(group * (S + 16));
+      std::vector<const float*> qs(group);
+      std::vector<float*> outs(group);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t g = i / T, t = i % T;
+        for (int64_t j = 0; j < group; ++j) {
+          qs[j] = qp + (g * group + j) * qh + t * qt;
+          outs[j] = op + (t * H + g * group + j) * D;
+        }
+        if (!attend_group_avx512(group, D, qs.data(), kp + g * kh, vp + g * vh, ks, vs, keys.data() + t * S,
+                                 count[t], static_cast<float>(scale), buf.data(), outs.data()))
+          done = false;
+      }
+    });
+    if (done) return out;
+  }
   at::parallel_for(0, H * T, 4, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(S + 8);
     for (int64_t r = r0; r < r1; ++r) {
@@ -259,10 +370,6 @@ torch::Tensor tree_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 }
 
 // ---------------------------------------------------------------- entry points
-static bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  return yes;
-}
 
 std::string isa() { return has_avx512() ? "avx512" : "avx2"; }
 
