@@ -64,20 +64,28 @@ def test_layer_by_layer_forward_equals_the_stock_forward_when_nothing_is_pruned(
     embeds = torch.cat([engine.model.get_input_embeddings()(tokens),
                         engine.prompt_tokens.embeddings[buf.prompt_source]])
     hidden, caches = [], []
+    assert engine.layerwise
     with torch.inference_mode():
-        for prune in (None, EarlyPrune(layer=2, top_k=VOCAB)):  # top-k = the whole vocabulary keeps every node
-            cache = growing_cache(engine.model.config)
-            engine.model(input_ids=prefix, past_key_values=cache, use_cache=True)
-            h, kept = engine._forward(cache, embeds, buf, 30, prune, tokens)
+        # the stock decoder forward (offsets through hooks), then the layer loop without and with a cut whose
+        # top-k is the whole vocabulary (keeps every node)
+        for layerwise, prune in ((False, None), (True, None), (True, EarlyPrune(layer=2, top_k=VOCAB))):
+            engine.layerwise = layerwise
+            try:
+                cache = growing_cache(engine.model.config)
+                engine.model(input_ids=prefix, past_key_values=cache, use_cache=True)
+                h, kept = engine._forward(cache, embeds, buf, 30, prune, tokens)
+            finally:
+                engine.layerwise = True
             assert (kept is None) == (prune is None)
             if kept is not None:
                 assert torch.equal(kept, torch.arange(buf.size))
             hidden.append(h)
             caches.append(cache)
-    torch.testing.assert_close(hidden[0], hidden[1], rtol=0, atol=0)
-    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
-        torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=0)
-        torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+    for other in (1, 2):
+        torch.testing.assert_close(hidden[0], hidden[other], rtol=0, atol=0)
+        for a, b in zip(caches[0].layers, caches[other].layers, strict=True):
+            torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=0)
+            torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
 
 
 def test_subtree_keeps_rows_in_order():
