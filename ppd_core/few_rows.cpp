@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -340,7 +341,7 @@ torch::Tensor tree_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   const int64_t qh = q.stride(1), qt = q.stride(2), kh = k.stride(1), ks = k.stride(2), vh = v.stride(1),
                 vs = v.stride(2), group = H / KVH;
   if (has_avx512() && D % 16 == 0) {  // one work item = one KV head's query heads for one row
-    bool done = true;
+    std::atomic<bool> done{true};  // false if this (heads per KV head, head size) has no grouped build
     at::parallel_for(0, KVH * T, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> buf(group * (S + 16));
       std::vector<const float*> qs(group);
@@ -353,10 +354,10 @@ torch::Tensor tree_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
         }
         if (!attend_group_avx512(group, D, qs.data(), kp + g * kh, vp + g * vh, ks, vs, keys.data() + t * S,
                                  count[t], static_cast<float>(scale), buf.data(), outs.data()))
-          done = false;
+          done.store(false);
       }
     });
-    if (done) return out;
+    if (done.load()) return out;
   }
   at::parallel_for(0, H * T, 4, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(S + 8);

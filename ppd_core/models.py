@@ -213,9 +213,13 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
     start = time.perf_counter()
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    if attn_implementation == "auto":  # CUDA's SDPA falls back to its slow kernel for masked GQA; CPU's does not
-        attn_implementation = "sdpa" if dev.type != "cpu" else "cpu_rows" if torch_dtype == torch.float32 and \
-            quantization is None else "sdpa_gqa"
+    if attn_implementation == "auto":
+        if dev.type != "cpu":  # CUDA's SDPA falls back to its slow kernel for masked GQA; CPU's does not
+            attn_implementation = "sdpa"
+        elif torch_dtype == torch.float32 and quantization is None:  # what the CPU kernels take
+            attn_implementation = "cpu_rows"
+        else:
+            attn_implementation = "sdpa_gqa"
     path = resolve_model_path(spec)
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if quantization in ("8bit", "4bit"):
