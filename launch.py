@@ -26,7 +26,7 @@ def run_bench_kernels(args: argparse.Namespace) -> int:
 
     lm = load_model(args.model, args.dtype, args.device, args.quantization)
     weights = [m.weight for m in lm.model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
-    print(f"{lm.name}, {str(lm.dtype).removeprefix('torch.')}: {len(weights)} decoder weight matrices, "
+    print(f"{lm.name}, {lm.precision}: {len(weights)} decoder weight matrices, "
           f"ms for all of them (best of 7); kernel: {kernel_isa()}\n")
     results = time_linears(weights)
     print("| rows | " + " | ".join(k for k in results[0] if k != "rows") + " |")

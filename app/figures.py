@@ -29,7 +29,7 @@ class MemoryPeaks:
 
 
 def hardware_facts(engine: Engine) -> dict:
-    return {"device": str(engine.lm.device), "dtype": str(engine.lm.dtype).removeprefix("torch."),
+    return {"device": str(engine.lm.device), "dtype": engine.precision,
             "tree_size": engine.tree.budget, "parameter_overhead": engine.parameter_overhead}
 
 

@@ -202,7 +202,7 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
               partial: Path | None = None, trees: dict[str, TreeSpec] | None = None) -> dict:
     """Run every prompt in every mode; returns the JSON report. `trees`: mode -> its own tree."""
     trees = trees or {}
-    config = [engine.lm.name, str(engine.dtype), engine.tree.to_json(), settings.max_new_tokens,
+    config = [engine.lm.name, engine.precision, engine.tree.to_json(), settings.max_new_tokens,
               settings.repetition_penalty, settings.temperature, settings.top_p, settings.top_k, settings.min_p,
               settings.seed, list(modes), {m: t.to_json() for m, t in trees.items()}]
     done: dict[str, dict] = {}
@@ -233,7 +233,7 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
                     t.add(r)
     plain = totals.get("plain")
     return {
-        "model": engine.lm.name, "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+        "model": engine.lm.name, "dtype": engine.precision, "device": str(engine.device),
         "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores",
         "prompts": len(prompts), "max_new_tokens": settings.max_new_tokens,
         "repetition_penalty": settings.repetition_penalty, "tree_budget": engine.tree.budget,

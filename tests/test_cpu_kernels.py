@@ -6,10 +6,20 @@ import pytest
 import torch
 
 from ppd_core import cpu_kernels
-from ppd_core.cpu_kernels import SmallBatchLinear, few_rows_matmul, load_kernel
+from ppd_core.cpu_kernels import (
+    AmxBf16Linear,
+    SmallBatchLinear,
+    amx_available,
+    few_rows_matmul,
+    load_kernel,
+    use_amx_bf16_linears,
+)
 
 needs_kernel = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
                                   reason="the kernel needs AVX2 + FMA")
+
+
+needs_amx = pytest.mark.skipif(not amx_available(), reason="no AMX bf16 tiles on this CPU (Intel Sapphire Rapids on)")
 
 
 @needs_kernel
@@ -113,3 +123,48 @@ def test_tree_attention_declines_masks_it_does_not_understand():
     q, k, v, _, mask = _tree_case(5, 20, 0)
     mask[0, 0, 1, 3] = -2.0  # a bias (ALiBi-like), not allow / block: the caller must use SDPA
     assert load_kernel().tree_attention(q, k, v, mask, 0.125) is None
+
+
+@needs_amx
+@pytest.mark.parametrize("n_out, n_in", [(576, 576), (192, 1536), (16, 32), (49152 // 8, 576)])
+def test_amx_matmul_is_a_bf16_matmul_with_fp32_accumulation(n_out: int, n_in: int):
+    gen = torch.Generator().manual_seed(n_out + n_in)
+    w = torch.randn(n_out, n_in, generator=gen)
+    packed = load_kernel().amx_pack(w)
+    for rows in (1, 2, 7, 16, 17, 33, 64):
+        x = torch.randn(rows, n_in, generator=gen)
+        got = load_kernel().amx_linear(x, packed)
+        want = x.bfloat16().double() @ w.bfloat16().double().T  # exact products of the bf16 inputs
+        assert got.shape == (rows, n_out) and got.dtype == torch.float32 and got.is_contiguous()
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * n_in ** 0.5)
+
+
+@needs_amx
+def test_amx_row_is_bit_identical_alone_or_in_any_batch():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(16 * 37, 1536, generator=gen)  # 37 blocks: the 4-block loop and the 1-block tail both run
+    packed = load_kernel().amx_pack(w)
+    x = torch.randn(40, 1536, generator=gen)
+    alone = torch.cat([load_kernel().amx_linear(x[i:i + 1].contiguous(), packed) for i in range(40)])
+    for rows in (2, 5, 13, 16, 17, 40):
+        assert torch.equal(load_kernel().amx_linear(x[:rows].contiguous(), packed), alone[:rows])
+
+
+@needs_amx
+def test_amx_linears_round_tied_weights_once_and_prefill_agrees_with_decoding():
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.nn.Embedding(64, 32)
+    head = torch.nn.Linear(32, 64, bias=False)
+    head.weight = emb.weight  # tied, as in the default model
+    model = torch.nn.Sequential(emb, head)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(64, 32, generator=gen))
+    assert use_amx_bf16_linears(model) == 1 and isinstance(head, AmxBf16Linear)
+    assert head.weight is emb.weight and torch.equal(emb.weight, emb.weight.bfloat16().float())
+    assert "1.packed" not in model.state_dict()  # derived from the weights, never saved
+    x = torch.randn(80, 32, generator=gen)
+    with torch.inference_mode():
+        decode = head(x[:5])  # AMX tiles
+        prefill = head(x)  # more rows than the kernel takes: F.linear on the bf16-rounded inputs
+    torch.testing.assert_close(decode, prefill[:5], rtol=1e-5, atol=1e-5)
+    assert cpu_kernels.precision(model) == "bfloat16-amx"

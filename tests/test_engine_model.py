@@ -71,6 +71,19 @@ def _prefill(engine: Engine, ids: list[int]) -> DynamicCache:
     return cache
 
 
+def assert_same_logits(engine: Engine, got: torch.Tensor, want: torch.Tensor) -> None:
+    """Tree logits against the model's own causal forward (SDPA prefill: another summation order). In float32 they
+    agree to 1e-3. With bf16 matmuls every layer rounds its inputs to 8 bits, so a last-bit difference in the
+    attention can move an activation by one bf16 step and the logits by a few tenths (measured: mean 0.10, max
+    0.47 over 6 x 49152); a wrong mask or position moves them by whole units. The argmax must agree in both."""
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    diff = (got - want).abs()
+    if engine.precision == "float32":
+        assert diff.max() < 1e-3
+    else:
+        assert diff.mean() < 0.25 and diff.max() < 1.5, (diff.mean(), diff.max())
+
+
 @torch.inference_mode()
 def test_chain_tree_reproduces_causal_logits(engine: Engine):
     ids = engine.encode([{"role": "user", "content": "Name three colours."}])
@@ -80,8 +93,7 @@ def test_chain_tree_reproduces_causal_logits(engine: Engine):
     cache = _prefill(engine, ids[:-6])
     embeds = engine.model.get_input_embeddings()(torch.tensor(chain))
     tree = engine._logits(engine._forward(cache, embeds, buf, len(ids) - 6)[0])
-    assert torch.equal(tree.argmax(-1), full.argmax(-1))
-    assert (tree - full).abs().max() < 1e-3
+    assert_same_logits(engine, tree, full)
 
 
 @torch.inference_mode()
@@ -95,8 +107,8 @@ def test_branching_tree_gives_each_branch_its_own_logits(engine: Engine):
     tree = engine._logits(engine._forward(cache, engine.model.get_input_embeddings()(tokens), buf, len(ids) - 1)[0])
     alone_a = engine.model(input_ids=torch.tensor([ids + a])).logits[0, -4:].float()
     alone_b = engine.model(input_ids=torch.tensor([ids + b])).logits[0, -3:].float()
-    assert (tree[[0, 1, 2, 3]] - alone_a).abs().max() < 1e-3
-    assert (tree[[0, 4, 5]] - alone_b).abs().max() < 1e-3
+    assert_same_logits(engine, tree[[0, 1, 2, 3]], alone_a)
+    assert_same_logits(engine, tree[[0, 4, 5]], alone_b)
 
 
 @torch.inference_mode()
