@@ -168,3 +168,13 @@ def test_amx_linears_round_tied_weights_once_and_prefill_agrees_with_decoding():
         prefill = head(x)  # more rows than the kernel takes: F.linear on the bf16-rounded inputs
     torch.testing.assert_close(decode, prefill[:5], rtol=1e-5, atol=1e-5)
     assert cpu_kernels.precision(model) == "bfloat16-amx"
+
+
+def test_amx_bf16_is_chosen_only_where_it_stays_lossless():
+    from ppd_core.models import use_amx_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_amx_bf16("auto", cpu, None) == use_amx_bf16("bfloat16", cpu, None) == amx_available()
+    assert not use_amx_bf16("float32", cpu, None)  # the full-precision model on request
+    assert not use_amx_bf16("auto", cpu, "8bit")  # bitsandbytes brings its own matmuls
+    assert not use_amx_bf16("auto", cuda, None)
