@@ -355,15 +355,10 @@ def test_ngram_guesses_equal_plain_on_copy_heavy_prompts(engine: Engine, ppd: bo
 N_SAMPLES = 1200
 
 
-def test_ppd_sampling_matches_plain_sampling_on_the_real_model(engine: Engine):
-    """Joint distribution of the first two sampled tokens (chat preset: temperature 0.7, top-p 0.9,
-    repetition penalty 1.1), PPD on and off, each against the exact distribution enumerated with
-    transformers' processors, and against each other.
-
-    PPD runs with guesses made from that exact distribution (its most likely token per position), so that
-    many draws go through acceptance and many through rejection and the residual draw: the test then has
-    power on exactly the code that could bias the distribution."""
-    from .test_sampling import ALPHA, chi_square_p, hf_probs, two_sample_p
+def _ocean_sampling_setup(engine: Engine):
+    """Prompt ids, the chat preset, the exact joint distribution of the first two tokens (enumerated with
+    transformers' processors) and a guesser that proposes that distribution's most likely tokens."""
+    from .test_sampling import hf_probs
 
     preset = Settings(max_new_tokens=2, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
     ids = engine.encode([{"role": "user", "content": "Give me one word that describes the ocean."}])
@@ -386,17 +381,46 @@ def test_ppd_sampling_matches_plain_sampling_on_the_real_model(engine: Engine):
         after = p2_after.get(int(first.argmax()), p1)
         return torch.stack([guesses(first, k)] + [guesses(after, k)] * (d - 1))[:d]
 
-    counts, with_accepted_guess = {}, 0
+    return ids, preset, exact, guesser
+
+
+def _sample_counts(engine: Engine, ids: list[int], preset: Settings, guesser, ppd: bool) -> tuple[dict, int]:
+    session, counts, with_accepted_guess = Session(), {}, 0
+    for seed in range(N_SAMPLES):
+        chunks = list(engine.generate(prompt_ids=ids, session=session, guesser=guesser if ppd else None,
+                                      settings=Settings(**{**preset.__dict__, "ppd": ppd, "seed": seed})))
+        out = tuple(t for ch in chunks for t in ch.token_ids)
+        counts[out] = counts.get(out, 0) + 1
+        with_accepted_guess += bool(ppd and chunks[-1].counters.accepted_guesses)
+    return counts, with_accepted_guess
+
+
+def test_ppd_sampling_matches_plain_sampling_on_the_real_model(engine: Engine):
+    """Joint distribution of the first two sampled tokens (chat preset: temperature 0.7, top-p 0.9,
+    repetition penalty 1.1), PPD on and off, each against the exact distribution enumerated with
+    transformers' processors, and against each other.
+
+    PPD runs with guesses made from that exact distribution (its most likely token per position), so that
+    many draws go through acceptance and many through rejection and the residual draw: the test then has
+    power on exactly the code that could bias the distribution."""
+    from .test_sampling import ALPHA, chi_square_p, two_sample_p
+
+    ids, preset, exact, guesser = _ocean_sampling_setup(engine)
+    counts = {}
     for ppd in (False, True):
-        session, c = Session(), {}
-        for seed in range(N_SAMPLES):
-            chunks = list(engine.generate(prompt_ids=ids, session=session, guesser=guesser if ppd else None,
-                                          settings=Settings(**{**preset.__dict__, "ppd": ppd, "seed": seed})))
-            out = tuple(t for ch in chunks for t in ch.token_ids)
-            c[out] = c.get(out, 0) + 1
-            with_accepted_guess += bool(ppd and chunks[-1].counters.accepted_guesses)
-        counts[ppd] = c
-        assert chi_square_p(c, exact, N_SAMPLES) > ALPHA
+        counts[ppd], with_accepted_guess = _sample_counts(engine, ids, preset, guesser, ppd)
+        assert chi_square_p(counts[ppd], exact, N_SAMPLES) > ALPHA
     # many PPD draws went through an accepted guess, and many through rejection and the residual draw
     assert N_SAMPLES // 10 < with_accepted_guess < N_SAMPLES - N_SAMPLES // 10
     assert two_sample_p(Counter(counts[False]), Counter(counts[True])) > ALPHA
+
+
+def test_typical_acceptance_fails_the_real_model_test(engine: Engine, monkeypatch):
+    """The negative control on the real model: Medusa's typical acceptance in place of rejection sampling
+    changes the distribution, and the same test with the same samples says so."""
+    from .test_sampling import ALPHA, chi_square_p, typical_acceptance
+
+    ids, preset, exact, guesser = _ocean_sampling_setup(engine)
+    monkeypatch.setattr(Engine, "_verify_sampled", staticmethod(typical_acceptance))
+    counts, _ = _sample_counts(engine, ids, preset, guesser, ppd=True)
+    assert chi_square_p(counts, exact, N_SAMPLES) < ALPHA
