@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -92,17 +93,24 @@ class SmallBatchLinear(torch.nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def _swap_linears(model: torch.nn.Module, cls: type, prepare: Callable[[torch.nn.Module], None] | None = None) -> int:
+    """Give every plain nn.Linear of the model the class `cls` in place (after `prepare(module)`); returns how many."""
+    n = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            if prepare is not None:
+                prepare(module)
+            module.__class__ = cls
+            n += 1
+    return n
+
+
 def use_small_batch_linears(model: torch.nn.Module) -> int:
     """Switch the model's plain nn.Linear layers to SmallBatchLinear in place; returns how many.
 
     Builds the kernel now, so that a first reply does not wait for the compiler."""
     load_kernel()
-    n = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.__class__ = SmallBatchLinear
-            n += 1
-    return n
+    return _swap_linears(model, SmallBatchLinear)
 
 
 def amx_available() -> bool:
@@ -139,21 +147,21 @@ def use_amx_bf16_linears(model: torch.nn.Module) -> int:
 
     Tied weights (the LM head and the embedding table) are rounded once, in place, so they stay tied."""
     kernel = load_kernel()
-    n = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            w = module.weight.data
-            w.copy_(w.to(torch.bfloat16))
-            module.__class__ = AmxBf16Linear
-            module.register_buffer("packed", kernel.amx_pack(w), persistent=False)
-            n += 1
-    model.ppd_precision = "bfloat16-amx"  # what reports, caches and the UI call this model's numerics
-    return n
+
+    def round_and_pack(module: torch.nn.Module) -> None:
+        w = module.weight.data
+        w.copy_(w.to(torch.bfloat16))
+        module.register_buffer("packed", kernel.amx_pack(w), persistent=False)
+
+    return _swap_linears(model, AmxBf16Linear, round_and_pack)
 
 
 def precision(model: torch.nn.Module) -> str:
-    """The numerics a model runs with: its dtype, or "bfloat16-amx" for fp32 activations with AMX bf16 matmuls."""
-    return getattr(model, "ppd_precision", None) or str(next(model.parameters()).dtype).removeprefix("torch.")
+    """The numerics a model runs with (reports, caches and the UI show it): its dtype, or "bfloat16-amx" for fp32
+    activations with AMX bf16 matmuls. Read off the layers themselves, so it cannot go stale."""
+    if any(isinstance(m, AmxBf16Linear) for m in model.modules()):
+        return "bfloat16-amx"
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def linear_rows(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
