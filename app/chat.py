@@ -72,7 +72,9 @@ def run_chat(args: argparse.Namespace) -> int:
           "and calibrates the tree for this machine, which takes several minutes…", flush=True)
     engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree,
                           recalibrate=args.recalibrate)
-    print(f"[ppd] model ready: {engine.lm.name} on {engine.lm.device} ({engine.precision}), "
+    packed = ", ".join(f"{n} {kind}" for kind, n in engine.packed_weights.items())
+    print(f"[ppd] model ready: {engine.lm.name} on {engine.lm.device} ({engine.precision}"
+          f"{f'; matmuls read {packed} blocks, exactly' if packed else ''}), "
           f"tree of {engine.tree.budget} nodes; starting the web app…", flush=True)
     defaults = ChatDefaults(max_new_tokens=args.max_new_tokens, ppd=not args.no_ppd)
     demo = build_ui(engine, defaults)

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from .calibrate import CALIBRATION_PROMPTS, accuracy_table
+from .cpu_kernels import kernel_isa
 from .engine import EarlyPrune, Engine, InputError, Session, Settings
 from .tree import TreeSpec, build_tree, default_tree
 
@@ -234,6 +235,8 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
     plain = totals.get("plain")
     return {
         "model": engine.lm.name, "dtype": engine.precision, "device": str(engine.device),
+        "kernel": kernel_isa() if engine.device.type == "cpu" else None,
+        "packed_weights": engine.packed_weights,
         "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores",
         "prompts": len(prompts), "max_new_tokens": settings.max_new_tokens,
         "repetition_penalty": settings.repetition_penalty, "tree_budget": engine.tree.budget,
@@ -317,7 +320,9 @@ def run_bench(args: argparse.Namespace) -> int:
     report = benchmark(engine, prompts, modes, settings, partial, trees)
     report["command"] = "python launch.py " + " ".join(sys.argv[1:])
     sampling = f", sampling {report['sampling']}" if report["sampling"] else ", greedy"
-    print(f"\nmodel {report['model']}, {report['dtype']}, {report['device']} ({report['machine']}), "
+    packed = ", ".join(f"{n} {kind}" for kind, n in report["packed_weights"].items())
+    print(f"\nmodel {report['model']}, {report['dtype']}, {report['device']} ({report['machine']}; kernel "
+          f"{report['kernel']}{', weights read as ' + packed + ' blocks' if packed else ''}), "
           f"{report['prompts']} prompts from {args.prompts}, {args.max_new_tokens} new tokens max, "
           f"repetition penalty {args.repetition_penalty}{sampling}, tree budget {report['tree_budget']}"
           f"{' ' + str(report['tree_budgets']) if report['tree_budgets'] else ''}\n")

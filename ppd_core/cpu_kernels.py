@@ -27,6 +27,8 @@ from types import ModuleType
 import torch
 from platformdirs import user_cache_dir
 
+from .gguf_blocks import find_blocks
+
 KERNEL_SOURCE = Path(__file__).with_name("few_rows.cpp")
 KERNEL_MAX_ROWS = 64  # every tree the calibration tries; above, the MKL path (prefill) is faster
 MKL_MAX_ROWS = 16  # the MKL fallback's W @ x^T path is faster than F.linear up to here
@@ -78,8 +80,14 @@ class SmallBatchLinear(torch.nn.Linear):
     """nn.Linear through `few_rows_matmul` when x has few rows (a decoding step), else F.linear (prefill).
 
     Same weights, module tree and state dict: only the kernel changes, and plain decoding, PPD and
-    `model.generate` all run through it.
+    `model.generate` all run through it. Where the weights are exact GGUF blocks (`gguf_blocks`), the step
+    reads them packed (buffers `qweight`, `qscales`): same float32 weights and sums, bit for bit, at 4-8 bits
+    per weight instead of 32.
     """
+
+    def packed_blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        q = self._buffers.get("qweight")
+        return None if q is None else (q, self._buffers["qscales"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -87,7 +95,10 @@ class SmallBatchLinear(torch.nn.Linear):
         # the kernel has no backward: training a few rows (a short reply's cut points) must keep its gradient
         if flat.shape[0] > limit or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return super().forward(x)
-        y = few_rows_matmul(self.weight, flat)
+        if (blocks := self.packed_blocks()) is not None and flat.dtype == torch.float32 and (kernel := load_kernel()):
+            y = kernel.quant_linear(flat.contiguous(), *blocks)
+        else:
+            y = few_rows_matmul(self.weight, flat)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -108,9 +119,26 @@ def _swap_linears(model: torch.nn.Module, cls: type, prepare: Callable[[torch.nn
 def use_small_batch_linears(model: torch.nn.Module) -> int:
     """Switch the model's plain nn.Linear layers to SmallBatchLinear in place; returns how many.
 
-    Builds the kernel now, so that a first reply does not wait for the compiler."""
-    load_kernel()
-    return _swap_linears(model, SmallBatchLinear)
+    Builds the kernel now, so that a first reply does not wait for the compiler, and packs the weights
+    that are exact GGUF blocks for it."""
+    kernel = load_kernel()
+
+    def pack(module: torch.nn.Module) -> None:
+        if kernel is not None and module.weight.device.type == "cpu" and (found := find_blocks(module.weight)):
+            module.register_buffer("qweight", found[1], persistent=False)
+            module.register_buffer("qscales", found[2], persistent=False)
+
+    return _swap_linears(model, SmallBatchLinear, pack)
+
+
+def packed_weights(model: torch.nn.Module) -> dict[str, int]:
+    """How many weight matrices a decoding step reads as GGUF blocks, by kind (e.g. {"q4_1": 210, "q8_0": 1})."""
+    kinds: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, SmallBatchLinear) and (blocks := m.packed_blocks()) is not None:
+            kind = "q4_1" if blocks[0].dtype == torch.uint8 else "q8_0"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def amx_available() -> bool:
@@ -189,13 +217,17 @@ def kernel_signature() -> str:
 
 def time_linears(weights: list[torch.Tensor], rows: tuple[int, ...] = (1, 2, 4, 8, 12, 16), repeats: int = 7
                  ) -> list[dict]:
-    """Best-of-`repeats` ms to multiply every weight matrix by `rows` rows, MKL path vs kernel."""
+    """Best-of-`repeats` ms to multiply every weight matrix by `rows` rows: MKL path, kernel on float32 weights,
+    kernel on the same weights packed as GGUF blocks (where they are), AMX bf16 (where the CPU has it)."""
     import time
 
     kernel = load_kernel()
     paths = {"mkl_ms": mkl_matmul}
     if kernel is not None:
         paths["kernel_ms"] = lambda w, x: kernel.few_rows_linear(x, w)
+    blocks = {id(w): found for w in weights if kernel is not None and (found := find_blocks(w))}
+    if len(blocks) == len(weights):
+        paths["gguf_blocks_ms"] = lambda w, x: kernel.quant_linear(x, blocks[id(w)][1], blocks[id(w)][2])
     if amx_available():
         packed = {id(w): kernel.amx_pack(w) for w in weights}
         paths["amx_bf16_ms"] = lambda w, x: kernel.amx_linear(x, packed[id(w)])

@@ -22,7 +22,7 @@ import psutil
 import torch
 from transformers import DynamicCache
 
-from .cpu_kernels import linear_rows, precision
+from .cpu_kernels import linear_rows, packed_weights, precision
 from .dynamic import AcceptanceStats, TreeMenu
 from .kv_cache import growing_cache
 from .models import LoadedModel, eos_ids
@@ -177,6 +177,7 @@ class Engine:
         self.device = lm.model.get_input_embeddings().weight.device
         self.dtype = lm.model.get_input_embeddings().weight.dtype  # of the activations and the KV cache
         self.precision = precision(lm.model)  # of the matmuls too: "float32", "bfloat16-amx", ...
+        self.packed_weights = packed_weights(lm.model)  # matrices read as exact GGUF blocks, by kind
         self.max_context = int(getattr(lm.model.config, "max_position_embeddings", 2048))
         self.eos_ids = eos_ids(lm.model, lm.tokenizer)
         # the decoder stack and the LM head of the stock model, called separately (see _logits)

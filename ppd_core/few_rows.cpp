@@ -20,6 +20,8 @@
 // AVX-512 (16 lanes, 32 registers: twice the rows per weight read before the FMAs run out) where the
 // CPU has it, else AVX2 + FMA. One machine always runs the same one.
 
+static bool has_avx512();  // cpuid, below: which float loop this machine runs
+
 // ---------------------------------------------------------------- AVX2 + FMA
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -28,9 +30,77 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Where the weights come from. A loader hands out 8 consecutive weights of one row as floats; the loop
+// below is the same for all of them, so a row's sums (and bits) do not depend on how its weights are stored.
+struct F32Weights {
+  const float* w;
+  int64_t K;
+  void prefetch(int64_t n, int64_t k) const { _mm_prefetch(reinterpret_cast<const char*>(w + n * K + k), _MM_HINT_T0); }
+  __m256 load(int64_t n, int64_t k) const { return _mm256_loadu_ps(w + n * K + k); }
+};
+
+// weights just unpacked into a buffer that sits in L1: nothing to fetch
+struct L1Weights {
+  const float* w;
+  int64_t K;
+  void prefetch(int64_t, int64_t) const {}
+  __m256 load(int64_t n, int64_t k) const { return _mm256_loadu_ps(w + n * K + k); }
+};
+
+static inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T0);
+}
+
+// GGUF's Q4_1 blocks (32 weights: w = d * q + m, q in 0..15), kept as 4 bits per weight: per 16 weights 8 bytes,
+// byte i = weight i (low nibble) and weight i + 8 (high nibble), and (d, m) per block as floats. d * q is exact
+// in float32 (d is an fp16, q has 4 bits), so one FMA rounds exactly like the dequantiser's d * q + m: the very
+// float32 weights the model was loaded with, at a sixth of the memory traffic.
+struct Q4Weights {
+  const uint8_t* q;  // [N, K / 2]
+  const float* s;    // [N, K / 32, 2]: d, m
+  int64_t K;
+  void prefetch_row(int64_t n) const {
+    prefetch_bytes(q + n * K / 2, K / 2);
+    prefetch_bytes(s + n * K / 16, K / 4);
+  }
+  void unpack_row(int64_t n, float* out) const {
+    const uint8_t* qr = q + n * K / 2;
+    const float* sr = s + n * K / 16;
+    const __m256i mask = _mm256_set1_epi32(15);
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const __m256 d = _mm256_broadcast_ss(sr + 2 * b), m = _mm256_broadcast_ss(sr + 2 * b + 1);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr + b * 16 + h * 8)));
+        float* o = out + b * 32 + h * 16;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), d, m));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d, m));
+      }
+    }
+  }
+};
+
+// GGUF's Q8_0 blocks (32 weights: w = d * q, q in -127..127): int8 weights and d per block; d * q is exact.
+struct Q8Weights {
+  const int8_t* q;  // [N, K]
+  const float* s;   // [N, K / 32]
+  int64_t K;
+  void prefetch_row(int64_t n) const {
+    prefetch_bytes(q + n * K, K);
+    prefetch_bytes(s + n * K / 32, K / 8);
+  }
+  void unpack_row(int64_t n, float* out) const {
+    const int8_t* qr = q + n * K;
+    const float* sr = s + n * K / 32;
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr + k)));
+      _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_broadcast_ss(sr + k / 32)));
+    }
+  }
+};
+
 // W rows n..n+P-1 against x rows 0..G-1: P*G accumulators, each x load serves P weight rows.
-template <int P, int G>
-static inline void block(const float* w, const float* x, int64_t K, int64_t N, float* y) {
+template <int P, int G, class W>
+static inline void block(const W& w, int64_t n, const float* x, int64_t K, int64_t N, float* y) {
   __m256 acc[P][G];
   for (int p = 0; p < P; ++p)
     for (int g = 0; g < G; ++g) acc[p][g] = _mm256_setzero_ps();
@@ -38,8 +108,8 @@ static inline void block(const float* w, const float* x, int64_t K, int64_t N, f
     __m256 wv[P];
     for (int p = 0; p < P; ++p) {
       // fetch the weights two blocks ahead: loads then overlap the FMAs (measured, 8 rows: 27 -> 19 ms)
-      _mm_prefetch(reinterpret_cast<const char*>(w + (p + 2 * P) * K + k), _MM_HINT_T0);
-      wv[p] = _mm256_loadu_ps(w + p * K + k);
+      w.prefetch(n + p + 2 * P, k);
+      wv[p] = w.load(n + p, k);
     }
     for (int g = 0; g < G; ++g) {
       const __m256 xv = _mm256_loadu_ps(x + g * K + k);
@@ -47,34 +117,36 @@ static inline void block(const float* w, const float* x, int64_t K, int64_t N, f
     }
   }
   for (int p = 0; p < P; ++p)
-    for (int g = 0; g < G; ++g) y[g * N + p] = hsum(acc[p][g]);
+    for (int g = 0; g < G; ++g) y[g * N + n + p] = hsum(acc[p][g]);
 }
 
-template <int P>
-static inline void rows_block(const float* w, const float* x, int64_t R, int64_t K, int64_t N, float* y) {
+template <int P, class W>
+static inline void rows_block(const W& w, int64_t n, const float* x, int64_t R, int64_t K, int64_t N, float* y) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) block<P, 4>(w, x + r * K, K, N, y + r * N);
+  for (; r + 4 <= R; r += 4) block<P, 4>(w, n, x + r * K, K, N, y + r * N);
   switch (R - r) {
-    case 3: block<P, 3>(w, x + r * K, K, N, y + r * N); break;
-    case 2: block<P, 2>(w, x + r * K, K, N, y + r * N); break;
-    case 1: block<P, 1>(w, x + r * K, K, N, y + r * N); break;
+    case 3: block<P, 3>(w, n, x + r * K, K, N, y + r * N); break;
+    case 2: block<P, 2>(w, n, x + r * K, K, N, y + r * N); break;
+    case 1: block<P, 1>(w, n, x + r * K, K, N, y + r * N); break;
     default: break;
   }
 }
 
+// P = 3 weight rows x 4 x rows = 12 accumulators + 3 + 1 of the 16 AVX registers
+template <int P = 3>
 static void linear_avx2(const float* xp, const float* wp, float* yp, int64_t R, int64_t K, int64_t N) {
-  constexpr int64_t P = 3;  // 3 weight rows x 4 x rows = 12 accumulators + 3 + 1 of the 16 AVX registers
+  const F32Weights w{wp, K};
   at::parallel_for(0, N / P, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t n = P * b0; n < P * b1; n += P) rows_block<P>(wp + n * K, xp, R, K, N, yp + n);
+    for (int64_t n = P * b0; n < P * b1; n += P) rows_block<P>(w, n, xp, R, K, N, yp);
   });
-  for (int64_t n = N - N % P; n < N; ++n) rows_block<1>(wp + n * K, xp, R, K, N, yp + n);
+  for (int64_t n = N - N % P; n < N; ++n) rows_block<1>(w, n, xp, R, K, N, yp);
 }
 
 // ---------------------------------------------------------------- AVX-512 (same loop, 16 lanes)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
 
-template <int P, int G>
+template <int P, int G, bool Prefetch = true>
 static inline void block512(const float* w, const float* x, int64_t K, int64_t N, float* y) {
   __m512 acc[P][G];
   for (int p = 0; p < P; ++p)
@@ -82,7 +154,7 @@ static inline void block512(const float* w, const float* x, int64_t K, int64_t N
   for (int64_t k = 0; k < K; k += 16) {
     __m512 wv[P];
     for (int p = 0; p < P; ++p) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (p + 2 * P) * K + k), _MM_HINT_T0);
+      if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + (p + 2 * P) * K + k), _MM_HINT_T0);
       wv[p] = _mm512_loadu_ps(w + p * K + k);
     }
     for (int g = 0; g < G; ++g) {
@@ -94,16 +166,16 @@ static inline void block512(const float* w, const float* x, int64_t K, int64_t N
     for (int g = 0; g < G; ++g) y[g * N + p] = _mm512_reduce_add_ps(acc[p][g]);
 }
 
-template <int P>
+template <int P, bool Prefetch = true>
 static inline void rows_block512(const float* w, const float* x, int64_t R, int64_t K, int64_t N, float* y) {
   int64_t r = 0;
-  for (; r + 6 <= R; r += 6) block512<P, 6>(w, x + r * K, K, N, y + r * N);
+  for (; r + 6 <= R; r += 6) block512<P, 6, Prefetch>(w, x + r * K, K, N, y + r * N);
   switch (R - r) {
-    case 5: block512<P, 5>(w, x + r * K, K, N, y + r * N); break;
-    case 4: block512<P, 4>(w, x + r * K, K, N, y + r * N); break;
-    case 3: block512<P, 3>(w, x + r * K, K, N, y + r * N); break;
-    case 2: block512<P, 2>(w, x + r * K, K, N, y + r * N); break;
-    case 1: block512<P, 1>(w, x + r * K, K, N, y + r * N); break;
+    case 5: block512<P, 5, Prefetch>(w, x + r * K, K, N, y + r * N); break;
+    case 4: block512<P, 4, Prefetch>(w, x + r * K, K, N, y + r * N); break;
+    case 3: block512<P, 3, Prefetch>(w, x + r * K, K, N, y + r * N); break;
+    case 2: block512<P, 2, Prefetch>(w, x + r * K, K, N, y + r * N); break;
+    case 1: block512<P, 1, Prefetch>(w, x + r * K, K, N, y + r * N); break;
     default: break;
   }
 }
@@ -116,7 +188,38 @@ static void linear_avx512(const float* xp, const float* wp, float* yp, int64_t R
   for (int64_t n = N - N % P; n < N; ++n) rows_block512<1>(wp + n * K, xp, R, K, N, yp + n);
 }
 
+// a strip of P weight rows already unpacked into `buf` (in L1: nothing to prefetch) against all x rows
+static void strip_avx512(const float* buf, int64_t rows, const float* x, int64_t R, int64_t K, int64_t N, float* y) {
+  if (rows == 4)
+    rows_block512<4, false>(buf, x, R, K, N, y);
+  else
+    for (int64_t p = 0; p < rows; ++p) rows_block512<1, false>(buf + p * K, x, R, K, N, y + p);
+}
+
 #pragma GCC pop_options
+
+// Quantised weights: unpack a strip of weight rows into a float buffer (in L1), then run the float32 loop
+// (AVX-512 where few_rows_linear uses it, else AVX2) over all x rows. Each weight is unpacked once per step
+// whatever the number of rows, and every sum is the float32 kernel's, bit for bit.
+template <class W>
+static void quant_linear_rows(const W& w, const float* xp, float* yp, int64_t R, int64_t K, int64_t N) {
+  const bool wide = K % 16 == 0 && has_avx512();
+  const int64_t P = wide ? 4 : 3;
+  at::parallel_for(0, (N + P - 1) / P, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(P * K);
+    for (int64_t n = P * b0; n < std::min(N, P * b1); n += P) {
+      const int64_t rows = std::min(P, N - n);
+      for (int64_t p = n + P; p < std::min(N, n + 2 * P); ++p) w.prefetch_row(p);  // the next strip, while this one runs
+      for (int64_t p = 0; p < rows; ++p) w.unpack_row(n + p, buf.data() + p * K);
+      if (wide)
+        strip_avx512(buf.data(), rows, xp, R, K, N, yp + n);
+      else if (rows == 3)
+        rows_block<3>(L1Weights{buf.data(), K}, 0, xp, R, K, N, yp + n);
+      else
+        for (int64_t p = 0; p < rows; ++p) rows_block<1>(L1Weights{buf.data(), K}, p, xp, R, K, N, yp + n);
+    }
+  });
+}
 
 
 // ---------------------------------------------------------------- attention of a few query rows (AVX2 + FMA)
@@ -505,8 +608,28 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// x [R, K] float32 @ dequantised(q, scales)^T, bit-identical to few_rows_linear on the float32 weights
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous 2-D float32");
+  TORCH_CHECK(q.is_contiguous() && scales.is_contiguous() && scales.dtype() == torch::kFloat32, "q, scales");
+  const int64_t R = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(K % 32 == 0 && scales.size(0) == N, "shape");
+  auto y = torch::empty({R, N}, x.options());
+  if (q.dtype() == torch::kUInt8) {
+    TORCH_CHECK(q.size(1) * 2 == K && scales.numel() == N * K / 16, "Q4_1 shape");
+    quant_linear_rows(Q4Weights{q.data_ptr<uint8_t>(), scales.data_ptr<float>(), K}, x.data_ptr<float>(),
+                   y.data_ptr<float>(), R, K, N);
+  } else {
+    TORCH_CHECK(q.dtype() == torch::kInt8 && q.size(1) == K && scales.numel() == N * K / 32, "Q8_0 shape");
+    quant_linear_rows(Q8Weights{q.data_ptr<int8_t>(), scales.data_ptr<float>(), K}, x.data_ptr<float>(),
+                   y.data_ptr<float>(), R, K, N);
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear);
+  m.def("quant_linear", &quant_linear);
   m.def("isa", &isa);
   m.def("tree_attention", &tree_attention);
   m.def("amx_available", &amx_available);

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from ppd_core.cpu_kernels import SmallBatchLinear, packed_weights
 from ppd_core.engine import EarlyPrune, Engine, InputError, Session, Settings
 from ppd_core.models import ModelError, load_model
 from ppd_core.prompt_tokens import PromptTokenError, PromptTokens
@@ -134,6 +135,34 @@ def test_tree_rows_are_bit_identical_to_plain_steps(engine: Engine):
     tree = engine._logits(hidden)
     assert torch.equal(tree[[0, 1, 2, 3]], plain_steps([ids[-1], *a]))
     assert torch.equal(tree[[0, 4, 5]], plain_steps([ids[-1], *b]))
+
+
+@torch.inference_mode()
+def test_default_model_steps_read_its_gguf_blocks_with_the_same_bits(engine: Engine):
+    """The default model came as a Q4_1 GGUF (head Q8_0): on CPU in float32 a decoding step reads every matrix
+    packed, and a tree step gives the very logits the float32 weights give."""
+    if engine.precision != "float32" or engine.lm.attn_implementation != "cpu_rows":
+        pytest.skip(f"packed GGUF blocks feed the float32 CPU kernel; this model runs {engine.precision}")
+    layers = [m for m in engine.model.modules() if isinstance(m, SmallBatchLinear)]
+    assert engine.packed_weights == {"q4_1": 210, "q8_0": 1} and len(layers) == 211
+    ids = engine.encode([{"role": "user", "content": "Write a haiku about rain."}])
+    emb = engine.model.get_input_embeddings()
+    buf = TreeBuffers.build(parents=[-1, 0, 1, 0], cand_index=list(range(4)), attached=[0] * 4)
+
+    def tree_logits() -> torch.Tensor:
+        hidden, _ = engine._forward(_prefill(engine, ids[:-1]), emb(torch.tensor([ids[-1], 1000, 2000, 3000])), buf,
+                                    len(ids) - 1)
+        return engine._logits(hidden)
+
+    packed = tree_logits()
+    saved = [(m, m._buffers.pop("qweight")) for m in layers]
+    try:
+        assert all(m.packed_blocks() is None for m in layers)
+        assert torch.equal(packed, tree_logits())
+    finally:
+        for m, q in saved:
+            m._buffers["qweight"] = q
+    assert engine.packed_weights == packed_weights(engine.model)
 
 
 # ---------------------------------------------------------------- PPD output == plain output
