@@ -15,8 +15,11 @@ def calibration_summary(engine: Engine) -> str:
     from ppd_core.calibrate import curve_table
 
     how = "cached" if report.get("cached") else "measured now"
+    plain = ("\n\nOn this machine no tree paid for its extra rows, so PPD on decodes plain steps (only guesses copied "
+             "from the context still join in): plain decoding is the fastest lossless choice here."
+             if report.get("b_star") == 0 else "")
     return (f"Tree chosen for this machine: **B\\* = {report.get('b_star')}** ({how}; "
-            f"fingerprint `{report.get('fingerprint', '?')}`)\n\n{curve_table(report)}")
+            f"fingerprint `{report.get('fingerprint', '?')}`){plain}\n\n{curve_table(report)}")
 
 
 def calibration_plot(engine: Engine) -> str | None:

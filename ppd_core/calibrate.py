@@ -73,7 +73,8 @@ def cache_key(engine: Engine, hw: Hardware) -> dict:
     return {"version": CALIBRATION_VERSION, "fingerprint": hw.fingerprint, "model": model_signature(engine.model),
             "prompt_tokens": pt.weights_hash() if pt is not None else None, "dtype": engine.precision,
             "device": engine.device.type, "torch": torch.__version__, "transformers": transformers.__version__,
-            "kernel": kernel_signature() if engine.device.type == "cpu" else None}
+            "kernel": kernel_signature() if engine.device.type == "cpu" else None,
+            "packed_weights": engine.packed_weights}  # packed steps are timed differently
 
 
 def cache_path(key: dict, root: Path | None = None) -> Path:
