@@ -8,6 +8,8 @@ import sys
 
 import gradio as gr
 
+from ppd_core.cpu_kernels import describe_packed
+
 from .ui import CSS, ChatDefaults, build_ui
 
 
@@ -72,7 +74,7 @@ def run_chat(args: argparse.Namespace) -> int:
           "and calibrates the tree for this machine, which takes several minutes…", flush=True)
     engine = build_engine(args.model, args.dtype, args.device, args.quantization, args.prompt_tokens, args.tree,
                           recalibrate=args.recalibrate)
-    packed = ", ".join(f"{n} {kind}" for kind, n in engine.packed_weights.items())
+    packed = describe_packed(engine.packed_weights)
     print(f"[ppd] model ready: {engine.lm.name} on {engine.lm.device} ({engine.precision}"
           f"{f'; matmuls read {packed} blocks, exactly' if packed else ''}), "
           f"tree of {engine.tree.budget} nodes; starting the web app…", flush=True)

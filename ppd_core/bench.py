@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from .calibrate import CALIBRATION_PROMPTS, accuracy_table
-from .cpu_kernels import kernel_isa
+from .cpu_kernels import describe_packed, kernel_isa
 from .engine import EarlyPrune, Engine, InputError, Session, Settings
 from .tree import TreeSpec, build_tree, default_tree
 
@@ -320,7 +320,7 @@ def run_bench(args: argparse.Namespace) -> int:
     report = benchmark(engine, prompts, modes, settings, partial, trees)
     report["command"] = "python launch.py " + " ".join(sys.argv[1:])
     sampling = f", sampling {report['sampling']}" if report["sampling"] else ", greedy"
-    packed = ", ".join(f"{n} {kind}" for kind, n in report["packed_weights"].items())
+    packed = describe_packed(report["packed_weights"])
     print(f"\nmodel {report['model']}, {report['dtype']}, {report['device']} ({report['machine']}; kernel "
           f"{report['kernel']}{', weights read as ' + packed + ' blocks' if packed else ''}), "
           f"{report['prompts']} prompts from {args.prompts}, {args.max_new_tokens} new tokens max, "

@@ -144,6 +144,11 @@ def packed_weights(model: torch.nn.Module) -> dict[str, int]:
     return kinds
 
 
+def describe_packed(kinds: dict[str, int]) -> str:
+    """{"q4_1": 210, "q8_0": 1} -> "210 q4_1, 1 q8_0" (empty when nothing is packed)."""
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+
+
 def amx_available() -> bool:
     """True where the CPU has AMX bf16 tiles and the OS lets this process use them (Intel Sapphire Rapids on)."""
     kernel = load_kernel()
