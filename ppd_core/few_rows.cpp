@@ -195,6 +195,33 @@ static void strip_avx512(const float* buf, int64_t rows, const float* x, int64_t
     for (int64_t p = 0; p < rows; ++p) rows_block512<1, false>(buf + p * K, x, R, K, N, y + p);
 }
 
+// Q4Weights::unpack_row and Q8Weights::unpack_row 16 lanes at a time: the same FMA (or multiply) per weight,
+// so the same floats, with a third fewer instructions (unpacking, not the sums, bounds a plain step here)
+static void unpack_row512(const Q4Weights& w, int64_t n, float* out) {
+  const uint8_t* qr = w.q + n * w.K / 2;
+  const float* sr = w.s + n * w.K / 16;
+  const __m128i nibble = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < w.K / 32; ++b) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + b * 16));  // the block's 32 weights
+    const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+    const __m512 d = _mm512_set1_ps(sr[2 * b]), m = _mm512_set1_ps(sr[2 * b + 1]);
+    // weights 0-7 are bytes 0-7's low nibbles, 8-15 their high ones; 16-31 likewise from bytes 8-15
+    const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(lo, hi)));
+    const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(lo, hi)));
+    _mm512_storeu_ps(out + b * 32, _mm512_fmadd_ps(first, d, m));
+    _mm512_storeu_ps(out + b * 32 + 16, _mm512_fmadd_ps(second, d, m));
+  }
+}
+
+static void unpack_row512(const Q8Weights& w, int64_t n, float* out) {
+  const int8_t* qr = w.q + n * w.K;
+  const float* sr = w.s + n * w.K / 32;
+  for (int64_t k = 0; k < w.K; k += 16) {
+    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + k)));
+    _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(sr[k / 32])));
+  }
+}
+
 #pragma GCC pop_options
 
 // Quantised weights: unpack a strip of weight rows into a float buffer (in L1), then run the float32 loop
@@ -209,7 +236,12 @@ static void quant_linear_rows(const W& w, const float* xp, float* yp, int64_t R,
     for (int64_t n = P * b0; n < std::min(N, P * b1); n += P) {
       const int64_t rows = std::min(P, N - n);
       for (int64_t p = n + P; p < std::min(N, n + 2 * P); ++p) w.prefetch_row(p);  // the next strip, while this one runs
-      for (int64_t p = 0; p < rows; ++p) w.unpack_row(n + p, buf.data() + p * K);
+      for (int64_t p = 0; p < rows; ++p) {
+        if (wide)
+          unpack_row512(w, n + p, buf.data() + p * K);
+        else
+          w.unpack_row(n + p, buf.data() + p * K);
+      }
       if (wide)
         strip_avx512(buf.data(), rows, xp, R, K, N, yp + n);
       else if (rows == 3)
