@@ -618,6 +618,124 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed) {
   return R16 == R ? y : y.narrow(0, 0, R);
 }
 
+// ---------------------------------------------------------------- bf16 dot products (AVX512_BF16, no AMX)
+//
+// The AMX path's numerics (weights and inputs rounded to bf16, float32 accumulation) on CPUs that have
+// AVX512_BF16 but no tiles (AMD Zen 4 / 5, Intel Cooper Lake). One vdpbf16ps does 32 multiply-adds where the
+// float32 loop does 16: with packed weights a tree row pays mostly arithmetic, so this halves what each extra
+// tree row costs. Same contract as the float32 loop: one accumulator per output over k in order, then the same
+// horizontal sum, whatever the number of rows or the thread split, so a row is bit-identical alone or in a tree.
+static bool has_avx512_bf16() {
+  static const bool yes = [] {
+    unsigned a, b, c, d;
+    return has_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
+  }();
+  return yes;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma")
+
+static inline __m512bh load_bf16(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// W rows 0..P-1 (bf16, row stride K) against x rows 0..G-1 (bf16): 32 k per instruction
+template <int P, int G, bool Prefetch>
+static inline void block_bf16(const uint16_t* w, const uint16_t* x, int64_t K, int64_t N, float* y) {
+  __m512 acc[P][G];
+  for (int p = 0; p < P; ++p)
+    for (int g = 0; g < G; ++g) acc[p][g] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh wv[P];
+    for (int p = 0; p < P; ++p) {
+      if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + (p + 2 * P) * K + k), _MM_HINT_T0);
+      wv[p] = load_bf16(w + p * K + k);
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512bh xv = load_bf16(x + g * K + k);
+      for (int p = 0; p < P; ++p) acc[p][g] = _mm512_dpbf16_ps(acc[p][g], wv[p], xv);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int g = 0; g < G; ++g) y[g * N + p] = _mm512_reduce_add_ps(acc[p][g]);
+}
+
+template <int P, bool Prefetch>
+static inline void rows_block_bf16(const uint16_t* w, const uint16_t* x, int64_t R, int64_t K, int64_t N, float* y) {
+  int64_t r = 0;
+  for (; r + 6 <= R; r += 6) block_bf16<P, 6, Prefetch>(w, x + r * K, K, N, y + r * N);
+  switch (R - r) {
+    case 5: block_bf16<P, 5, Prefetch>(w, x + r * K, K, N, y + r * N); break;
+    case 4: block_bf16<P, 4, Prefetch>(w, x + r * K, K, N, y + r * N); break;
+    case 3: block_bf16<P, 3, Prefetch>(w, x + r * K, K, N, y + r * N); break;
+    case 2: block_bf16<P, 2, Prefetch>(w, x + r * K, K, N, y + r * N); break;
+    case 1: block_bf16<P, 1, Prefetch>(w, x + r * K, K, N, y + r * N); break;
+    default: break;
+  }
+}
+
+// float32 -> bf16, round to nearest even (vcvtne2ps2bf16), 32 at a time; n % 32 == 0
+static void to_bf16_rows(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 32)
+    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
+}
+
+// bf16 weights [N, K] already in memory (models without GGUF blocks)
+static void linear_bf16(const uint16_t* xb, const uint16_t* wb, float* yp, int64_t R, int64_t K, int64_t N) {
+  constexpr int64_t P = 4;
+  at::parallel_for(0, N / P, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t n = P * b0; n < P * b1; n += P) rows_block_bf16<P, true>(wb + n * K, xb, R, K, N, yp + n);
+  });
+  for (int64_t n = N - N % P; n < N; ++n) rows_block_bf16<1, true>(wb + n * K, xb, R, K, N, yp + n);
+}
+
+// A GGUF block row unpacked to its float32 weights (the same FMA as unpack_row512), then rounded to bf16: the
+// bf16 of the float32 weights, which is what prefill multiplies by
+static void unpack_row_bf16(const Q4Weights& w, int64_t n, uint16_t* out) {
+  const uint8_t* qr = w.q + n * w.K / 2;
+  const float* sr = w.s + n * w.K / 16;
+  const __m128i nibble = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < w.K / 32; ++b) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + b * 16));
+    const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+    const __m512 d = _mm512_set1_ps(sr[2 * b]), m = _mm512_set1_ps(sr[2 * b + 1]);
+    const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(lo, hi)));
+    const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(lo, hi)));
+    _mm512_storeu_si512(out + b * 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(second, d, m),
+                                                                   _mm512_fmadd_ps(first, d, m)));
+  }
+}
+
+static void unpack_row_bf16(const Q8Weights& w, int64_t n, uint16_t* out) {
+  const int8_t* qr = w.q + n * w.K;
+  const float* sr = w.s + n * w.K / 32;
+  for (int64_t k = 0; k < w.K; k += 32) {
+    const __m512 d = _mm512_set1_ps(sr[k / 32]);
+    const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + k))));
+    const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + k + 16))));
+    _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(second, d), _mm512_mul_ps(first, d)));
+  }
+}
+
+// packed GGUF weights: a strip of 4 rows unpacked to bf16 in L1, then the bf16 loop over all x rows
+template <class W>
+static void quant_linear_rows_bf16(const W& w, const uint16_t* xb, float* yp, int64_t R, int64_t K, int64_t N) {
+  constexpr int64_t P = 4;
+  at::parallel_for(0, (N + P - 1) / P, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<uint16_t> buf(P * K);
+    for (int64_t n = P * b0; n < std::min(N, P * b1); n += P) {
+      const int64_t rows = std::min(P, N - n);
+      for (int64_t p = n + P; p < std::min(N, n + 2 * P); ++p) w.prefetch_row(p);
+      for (int64_t p = 0; p < rows; ++p) unpack_row_bf16(w, n + p, buf.data() + p * K);
+      if (rows == P)
+        rows_block_bf16<P, false>(buf.data(), xb, R, K, N, yp + n);
+      else
+        for (int64_t p = 0; p < rows; ++p) rows_block_bf16<1, false>(buf.data() + p * K, xb, R, K, N, yp + n + p);
+    }
+  });
+}
+
+#pragma GCC pop_options
+
 // ---------------------------------------------------------------- entry points
 
 std::string isa() { return has_avx512() ? "avx512" : "avx2"; }
@@ -638,22 +756,57 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
-// x [R, K] float32 @ dequantised(q, scales)^T, bit-identical to few_rows_linear on the float32 weights
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+// Q4_1 (uint8 nibbles, scales d, m) or Q8_0 (int8, scales d) blocks: checks the shapes, runs `run(weights)`
+template <class Run>
+static void with_blocks(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales, Run run) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous 2-D float32");
   TORCH_CHECK(q.is_contiguous() && scales.is_contiguous() && scales.dtype() == torch::kFloat32, "q, scales");
-  const int64_t R = x.size(0), K = x.size(1), N = q.size(0);
+  const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(K % 32 == 0 && scales.size(0) == N, "shape");
-  auto y = torch::empty({R, N}, x.options());
   if (q.dtype() == torch::kUInt8) {
     TORCH_CHECK(q.size(1) * 2 == K && scales.numel() == N * K / 16, "Q4_1 shape");
-    quant_linear_rows(Q4Weights{q.data_ptr<uint8_t>(), scales.data_ptr<float>(), K}, x.data_ptr<float>(),
-                      y.data_ptr<float>(), R, K, N);
+    run(Q4Weights{q.data_ptr<uint8_t>(), scales.data_ptr<float>(), K});
   } else {
     TORCH_CHECK(q.dtype() == torch::kInt8 && q.size(1) == K && scales.numel() == N * K / 32, "Q8_0 shape");
-    quant_linear_rows(Q8Weights{q.data_ptr<int8_t>(), scales.data_ptr<float>(), K}, x.data_ptr<float>(),
-                      y.data_ptr<float>(), R, K, N);
+    run(Q8Weights{q.data_ptr<int8_t>(), scales.data_ptr<float>(), K});
   }
+}
+
+// x [R, K] float32 @ dequantised(q, scales)^T, bit-identical to few_rows_linear on the float32 weights
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+  const int64_t R = x.size(0), K = x.size(1), N = q.size(0);
+  auto y = torch::empty({R, N}, x.options());
+  with_blocks(x, q, scales, [&](const auto& w) { quant_linear_rows(w, x.data_ptr<float>(), y.data_ptr<float>(), R, K, N); });
+  return y;
+}
+
+bool avx512_bf16_available() { return has_avx512_bf16(); }
+
+static std::vector<uint16_t> rows_to_bf16(const torch::Tensor& x) {
+  TORCH_CHECK(has_avx512_bf16(), "this CPU has no AVX512_BF16");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.size(1) % 32 == 0,
+              "x: contiguous 2-D float32, K % 32 == 0");
+  std::vector<uint16_t> xb(x.numel());
+  to_bf16_rows(x.data_ptr<float>(), x.numel(), xb.data());
+  return xb;
+}
+
+// x [R, K] float32 rounded to bf16 @ w^T, w bf16 [N, K]; float32 accumulation and output
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
+  const auto xb = rows_to_bf16(x);
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.dim() == 2 && w.size(1) == x.size(1), "w");
+  const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({R, N}, x.options());
+  linear_bf16(xb.data(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), y.data_ptr<float>(), R, K, N);
+  return y;
+}
+
+// bf16_linear on the bf16 of the dequantised GGUF blocks, unpacked on the fly
+torch::Tensor bf16_quant_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+  const auto xb = rows_to_bf16(x);
+  const int64_t R = x.size(0), K = x.size(1), N = q.size(0);
+  auto y = torch::empty({R, N}, x.options());
+  with_blocks(x, q, scales, [&](const auto& w) { quant_linear_rows_bf16(w, xb.data(), y.data_ptr<float>(), R, K, N); });
   return y;
 }
 
@@ -665,4 +818,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available);
   m.def("amx_pack", &amx_pack);
   m.def("amx_linear", &amx_linear);
+  m.def("avx512_bf16_available", &avx512_bf16_available);
+  m.def("bf16_linear", &bf16_linear);
+  m.def("bf16_quant_linear", &bf16_quant_linear);
 }

@@ -33,9 +33,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .cpu_kernels import (
     KERNEL_MAX_ROWS,
     amx_available,
+    avx512_bf16_available,
     load_kernel,
     precision,
-    use_amx_bf16_linears,
+    use_bf16_linears,
     use_small_batch_linears,
 )
 
@@ -149,7 +150,7 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
     On CPU, torch's bf16 matmuls over a tree of tokens round differently from one-token steps (measured:
     logits off by up to 0.5, enough to flip greedy ties), so a bf16 model is not lossless there; fp32 is.
-    Where the CPU has AMX, `use_amx_bf16` below gives a lossless bf16 instead (see `load_model`).
+    Where the CPU has AMX or AVX512_BF16, `cpu_bf16_kernel` below gives a lossless bf16 instead (`load_model`).
     On CUDA we use bf16 when supported (the PPD paper's setting), else fp16.
     """
     if requested != "auto":
@@ -161,13 +162,18 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def use_amx_bf16(requested: str, device: torch.device, quantization: str | None) -> bool:
-    """bf16 matmuls on AMX tiles with fp32 everywhere else: `auto` and `bfloat16` on a CPU with AMX.
+def cpu_bf16_kernel(requested: str, device: torch.device, quantization: str | None) -> str | None:
+    """Which of our bf16 matmul kernels runs `auto` / `bfloat16` on this CPU: "amx", "avx512" (AVX512_BF16
+    dot products) or None (float32 for `auto`; torch's own bf16, not lossless, for `bfloat16`).
 
-    Our AMX kernel keeps each row bit-identical whatever the tree (unlike torch's bf16 path), reads half of
-    fp32's weight bytes, and verifies up to 16 tree nodes for the price of one row."""
-    return (device.type == "cpu" and quantization is None and requested in ("auto", "bfloat16")
-            and amx_available())
+    Both keep each row bit-identical whatever the tree (unlike torch's bf16 path), with fp32 everywhere but
+    the matmuls. AMX verifies up to 16 tree nodes for the price of one row; AVX512_BF16 halves the arithmetic
+    each tree row costs, which is what a row costs once the weights are read packed (see the README)."""
+    if device.type != "cpu" or quantization is not None or requested not in ("auto", "bfloat16"):
+        return None
+    if amx_available():
+        return "amx"
+    return "avx512" if avx512_bf16_available() else None
 
 
 def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -230,8 +236,8 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
 
     start = time.perf_counter()
     dev = pick_device(device)
-    amx = use_amx_bf16(dtype, dev, quantization)
-    torch_dtype = torch.float32 if amx else pick_dtype(dtype, dev)
+    bf16_kernel = cpu_bf16_kernel(dtype, dev, quantization)
+    torch_dtype = torch.float32 if bf16_kernel else pick_dtype(dtype, dev)
     if attn_implementation == "auto":
         if dev.type != "cpu":  # CUDA's SDPA falls back to its slow kernel for masked GQA; CPU's does not
             attn_implementation = "sdpa"
@@ -257,8 +263,8 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
         raise ModelError(f"could not load model {spec!r}: {exc}") from exc
     if quantization is None:
         model.to(dev)
-        if amx:
-            use_amx_bf16_linears(model)
+        if bf16_kernel:
+            use_bf16_linears(model, bf16_kernel)
         elif dev.type == "cpu" and torch_dtype == torch.float32:
             use_small_batch_linears(model)
     model.eval().requires_grad_(False)

@@ -8,11 +8,13 @@ import torch
 from ppd_core import cpu_kernels
 from ppd_core.cpu_kernels import (
     AmxBf16Linear,
+    Avx512Bf16Linear,
     SmallBatchLinear,
     amx_available,
+    avx512_bf16_available,
     few_rows_matmul,
     load_kernel,
-    use_amx_bf16_linears,
+    use_bf16_linears,
 )
 
 needs_kernel = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
@@ -20,6 +22,9 @@ needs_kernel = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in
 
 
 needs_amx = pytest.mark.skipif(not amx_available(), reason="no AMX bf16 tiles on this CPU (Intel Sapphire Rapids on)")
+needs_avx512_bf16 = pytest.mark.skipif(not avx512_bf16_available(),
+                                       reason="no AVX512_BF16 on this CPU (AMD Zen 4 on, Intel Cooper Lake)")
+BF16_KERNELS = [pytest.param("amx", marks=needs_amx), pytest.param("avx512", marks=needs_avx512_bf16)]
 
 
 @needs_kernel
@@ -150,8 +155,8 @@ def test_amx_row_is_bit_identical_alone_or_in_any_batch():
         assert torch.equal(load_kernel().amx_linear(x[:rows].contiguous(), packed), alone[:rows])
 
 
-@needs_amx
-def test_amx_linears_round_tied_weights_once_and_prefill_agrees_with_decoding():
+@pytest.mark.parametrize("isa", BF16_KERNELS)
+def test_bf16_linears_round_tied_weights_once_and_prefill_agrees_with_decoding(isa: str):
     gen = torch.Generator().manual_seed(3)
     emb = torch.nn.Embedding(64, 32)
     head = torch.nn.Linear(32, 64, bias=False)
@@ -159,22 +164,64 @@ def test_amx_linears_round_tied_weights_once_and_prefill_agrees_with_decoding():
     model = torch.nn.Sequential(emb, head)
     with torch.no_grad():
         emb.weight.copy_(torch.randn(64, 32, generator=gen))
-    assert use_amx_bf16_linears(model) == 1 and isinstance(head, AmxBf16Linear)
+    cls = AmxBf16Linear if isa == "amx" else Avx512Bf16Linear
+    assert use_bf16_linears(model, isa) == 1 and isinstance(head, cls)
     assert head.weight is emb.weight and torch.equal(emb.weight, emb.weight.bfloat16().float())
     assert "1.packed" not in model.state_dict()  # derived from the weights, never saved
     x = torch.randn(80, 32, generator=gen)
     with torch.inference_mode():
-        decode = head(x[:5])  # AMX tiles
+        decode = head(x[:5])  # our kernel
         prefill = head(x)  # more rows than the kernel takes: F.linear on the bf16-rounded inputs
     torch.testing.assert_close(decode, prefill[:5], rtol=1e-5, atol=1e-5)
-    assert cpu_kernels.precision(model) == "bfloat16-amx"
+    assert cpu_kernels.precision(model) == f"bfloat16-{isa}"
 
 
-def test_amx_bf16_is_chosen_only_where_it_stays_lossless():
-    from ppd_core.models import use_amx_bf16
+@needs_avx512_bf16
+@pytest.mark.parametrize("n_out, n_in", [(576, 576), (193, 1536), (1, 32), (49152 // 8, 576)])
+def test_avx512_bf16_matmul_is_a_bf16_matmul_with_fp32_accumulation(n_out: int, n_in: int):
+    gen = torch.Generator().manual_seed(n_out + n_in)
+    w = torch.randn(n_out, n_in, generator=gen)
+    for rows in (1, 2, 5, 6, 7, 13, 64):
+        x = torch.randn(rows, n_in, generator=gen)
+        got = load_kernel().bf16_linear(x, w.bfloat16())
+        want = x.bfloat16().double() @ w.bfloat16().double().T  # exact products of the bf16 inputs
+        assert got.shape == (rows, n_out) and got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * n_in ** 0.5)
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("kind, n_out, n_in", [("q4_1", 577, 576), ("q8_0", 194, 1536), (None, 1537, 576)])
+def test_avx512_bf16_row_is_bit_identical_alone_or_in_any_batch_and_packed_blocks_are_the_bf16_weights(
+        kind: str | None, n_out: int, n_in: int):
+    from ppd_core.gguf_blocks import find_blocks
+    from tests.test_gguf_blocks import gguf_weights
+
+    gen = torch.Generator().manual_seed(n_out)
+    w = gguf_weights(kind, n_out, n_in, seed=n_out) if kind else torch.randn(n_out, n_in, generator=gen)
+    x = torch.randn(23, n_in, generator=gen)
+    kernel = load_kernel()
+    dense = lambda rows: kernel.bf16_linear(rows.contiguous(), w.bfloat16())  # noqa: E731
+    alone = torch.cat([dense(x[i:i + 1]) for i in range(23)])
+    for rows in (2, 4, 5, 7, 12, 23):  # N not a multiple of the 4-row strips; 6-row x blocks and their tails
+        assert torch.equal(dense(x[:rows]), alone[:rows])
+    if kind:  # unpacked on the fly and rounded: the very bf16 weights, so the very same sums
+        _, q, scales = find_blocks(w)
+        for rows in (1, 5, 23):
+            assert torch.equal(kernel.bf16_quant_linear(x[:rows].contiguous(), q, scales), alone[:rows])
+
+
+def test_bf16_kernel_is_chosen_only_where_it_stays_lossless(monkeypatch):
+    from ppd_core import models
+    from ppd_core.models import cpu_bf16_kernel
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert use_amx_bf16("auto", cpu, None) == use_amx_bf16("bfloat16", cpu, None) == amx_available()
-    assert not use_amx_bf16("float32", cpu, None)  # the full-precision model on request
-    assert not use_amx_bf16("auto", cpu, "8bit")  # bitsandbytes brings its own matmuls
-    assert not use_amx_bf16("auto", cuda, None)
+    here = "amx" if amx_available() else "avx512" if avx512_bf16_available() else None
+    assert cpu_bf16_kernel("auto", cpu, None) == cpu_bf16_kernel("bfloat16", cpu, None) == here
+    assert cpu_bf16_kernel("float32", cpu, None) is None  # the full-precision model on request
+    assert cpu_bf16_kernel("auto", cpu, "8bit") is None  # bitsandbytes brings its own matmuls
+    assert cpu_bf16_kernel("auto", cuda, None) is None
+    # faked CPUs: AMX wins over AVX512_BF16, neither means float32
+    for amx, avx512, want in ((True, True, "amx"), (False, True, "avx512"), (False, False, None)):
+        monkeypatch.setattr(models, "amx_available", lambda v=amx: v)
+        monkeypatch.setattr(models, "avx512_bf16_available", lambda v=avx512: v)
+        assert cpu_bf16_kernel("auto", cpu, None) == want

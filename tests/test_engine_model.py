@@ -139,10 +139,10 @@ def test_tree_rows_are_bit_identical_to_plain_steps(engine: Engine):
 
 @torch.inference_mode()
 def test_default_model_steps_read_its_gguf_blocks_with_the_same_bits(engine: Engine):
-    """The default model came as a Q4_1 GGUF (head Q8_0): on CPU in float32 a decoding step reads every matrix
-    packed, and a tree step gives the very logits the float32 weights give."""
-    if engine.precision != "float32" or engine.lm.attn_implementation != "cpu_rows":
-        pytest.skip(f"packed GGUF blocks feed the float32 CPU kernel; this model runs {engine.precision}")
+    """The default model came as a Q4_1 GGUF (head Q8_0): on CPU in float32 (and bfloat16-avx512) a decoding step
+    reads every matrix packed, and a tree step gives the very logits the unpacked weights give."""
+    if engine.precision not in ("float32", "bfloat16-avx512") or engine.lm.attn_implementation != "cpu_rows":
+        pytest.skip(f"packed GGUF blocks feed the float32 and AVX512_BF16 kernels; this model runs {engine.precision}")
     layers = [m for m in engine.model.modules() if isinstance(m, SmallBatchLinear)]
     assert engine.packed_weights == {"q4_1": 210, "q8_0": 1} and len(layers) == 211
     ids = engine.encode([{"role": "user", "content": "Write a haiku about rain."}])
@@ -156,24 +156,30 @@ def test_default_model_steps_read_its_gguf_blocks_with_the_same_bits(engine: Eng
 
     packed = tree_logits()
     saved = [(m, m._buffers.pop("qweight")) for m in layers]
+    bf16 = engine.precision == "bfloat16-avx512"
     try:
-        assert all(m.packed_blocks() is None for m in layers)
+        for m in layers:
+            assert m.packed_blocks() is None
+            if bf16:  # the same kernel on a dense bf16 copy of the (already bf16-rounded) weights
+                m._buffers["packed"] = m.weight.bfloat16()
         assert torch.equal(packed, tree_logits())
     finally:
         for m, q in saved:
             m._buffers["qweight"] = q
+            m._buffers.pop("packed", None)
     assert engine.packed_weights == packed_weights(engine.model)
 
 
 # ---------------------------------------------------------------- PPD output == plain output
 
 def test_plain_engine_matches_hf_generate(engine: Engine, prompts: list[str], plain_outputs: list[list[int]]):
+    """transformers' own greedy decoding loop (the bench's `hf_generate`: the prompt split as the engine splits
+    it, see there) writes the engine's plain replies token for token."""
+    from ppd_core.bench import hf_generate
+
     for prompt, expected in list(zip(prompts, plain_outputs, strict=False))[:3]:
         ids = engine.encode([{"role": "user", "content": prompt}])
-        out = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=N_NEW, do_sample=False, repetition_penalty=1.1,
-                                    pad_token_id=engine.tokenizer.eos_token_id)[0, len(ids):].tolist()
-        assert [t for t in out if t not in engine.eos_ids] == expected
+        assert hf_generate(engine, ids, CHAT, lookup=False) == expected
 
 
 def test_ppd_trained_tokens_equal_plain(engine: Engine, prompts: list[str], plain_outputs: list[list[int]]):
