@@ -120,12 +120,17 @@ def _swap_linears(model: torch.nn.Module, cls: type, prepare: Callable[[torch.nn
     return n
 
 
+def packs_gguf_blocks() -> bool:
+    """Whether decoding steps read exact GGUF blocks packed (PPD_GGUF_BLOCKS=0: the unpacked copies, to compare)."""
+    return os.environ.get("PPD_GGUF_BLOCKS", "1") != "0"
+
+
 def use_small_batch_linears(model: torch.nn.Module) -> int:
     """Switch the model's plain nn.Linear layers to SmallBatchLinear in place; returns how many.
 
     Builds the kernel now, so that a first reply does not wait for the compiler, and packs the weights
     that are exact GGUF blocks for it (PPD_GGUF_BLOCKS=0: read the float32 copies instead, for comparison)."""
-    packs = load_kernel() is not None and os.environ.get("PPD_GGUF_BLOCKS", "1") != "0"
+    packs = load_kernel() is not None and packs_gguf_blocks()
 
     def pack(module: torch.nn.Module) -> None:
         if packs and module.weight.device.type == "cpu" and (found := find_blocks(module.weight)):
@@ -212,11 +217,11 @@ def use_bf16_linears(model: torch.nn.Module, isa: str) -> int:
     rounded to bf16; returns how many. Tied weights (the LM head and the embedding table) are rounded once, in
     place, so they stay tied. GGUF blocks are found before the rounding: they hold the exact float32 weights."""
     kernel = load_kernel()
-    packs_blocks = isa == "avx512" and os.environ.get("PPD_GGUF_BLOCKS", "1") != "0"
+    packs_blocks = isa == "avx512" and packs_gguf_blocks()
 
     def round_and_pack(module: torch.nn.Module) -> None:
         w = module.weight.data
-        found = find_blocks(w) if packs_blocks and w.shape[1] % 32 == 0 else None
+        found = find_blocks(w) if packs_blocks else None
         w.copy_(w.to(torch.bfloat16))
         if isa == "amx":
             module.register_buffer("packed", kernel.amx_pack(w), persistent=False)
