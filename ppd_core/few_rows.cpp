@@ -740,15 +740,16 @@ template <class W>
 static void quant_linear_rows_bf16(const W& w, const uint16_t* xb, float* yp, int64_t R, int64_t K, int64_t N) {
   constexpr int64_t P = 4;
   at::parallel_for(0, (N + P - 1) / P, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<uint16_t> buf(P * K);
+    std::vector<uint16_t> room(P * K + 32);  // 64-byte aligned below: a 512-bit load never spans two lines
+    uint16_t* const buf = room.data() + (-reinterpret_cast<uintptr_t>(room.data()) / 2 & 31);
     for (int64_t n = P * b0; n < std::min(N, P * b1); n += P) {
       const int64_t rows = std::min(P, N - n);
       for (int64_t p = n + P; p < std::min(N, n + 2 * P); ++p) w.prefetch_row(p);
-      for (int64_t p = 0; p < rows; ++p) unpack_row_bf16(w, n + p, buf.data() + p * K);
+      for (int64_t p = 0; p < rows; ++p) unpack_row_bf16(w, n + p, buf + p * K);
       if (rows == P)
-        rows_block_bf16<P, false>(buf.data(), xb, R, K, N, yp + n);
+        rows_block_bf16<P, false>(buf, xb, R, K, N, yp + n);
       else
-        for (int64_t p = 0; p < rows; ++p) rows_block_bf16<1, false>(buf.data() + p * K, xb, R, K, N, yp + n + p);
+        for (int64_t p = 0; p < rows; ++p) rows_block_bf16<1, false>(buf + p * K, xb, R, K, N, yp + n + p);
     }
   });
 }
@@ -801,12 +802,16 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale
 
 bool avx512_bf16_available() { return has_avx512_bf16(); }
 
-static std::vector<uint16_t> rows_to_bf16(const torch::Tensor& x) {
+static uint16_t* bf16_bits(const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// x rounded to bf16, in torch's 64-byte aligned memory: with K % 32 == 0 every row starts a cache line, so no
+// 512-bit load of x spans two (split loads cost up to 2x in the dot loops on Zen 5)
+static torch::Tensor rows_to_bf16(const torch::Tensor& x) {
   TORCH_CHECK(has_avx512_bf16(), "this CPU has no AVX512_BF16");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.size(1) % 32 == 0,
               "x: contiguous 2-D float32, K % 32 == 0");
-  std::vector<uint16_t> xb(x.numel());
-  to_bf16_rows(x.data_ptr<float>(), x.numel(), xb.data());
+  auto xb = torch::empty(x.sizes(), x.options().dtype(torch::kBFloat16));
+  to_bf16_rows(x.data_ptr<float>(), x.numel(), bf16_bits(xb));
   return xb;
 }
 
@@ -816,7 +821,7 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.dim() == 2 && w.size(1) == x.size(1), "w");
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({R, N}, x.options());
-  linear_bf16(xb.data(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), y.data_ptr<float>(), R, K, N);
+  linear_bf16(bf16_bits(xb), bf16_bits(w), y.data_ptr<float>(), R, K, N);
   return y;
 }
 
@@ -825,7 +830,7 @@ torch::Tensor bf16_quant_linear(torch::Tensor x, torch::Tensor q, torch::Tensor 
   const auto xb = rows_to_bf16(x);
   const int64_t R = x.size(0), K = x.size(1), N = q.size(0);
   auto y = torch::empty({R, N}, x.options());
-  with_blocks(x, q, scales, [&](const auto& w) { quant_linear_rows_bf16(w, xb.data(), y.data_ptr<float>(), R, K, N); });
+  with_blocks(x, q, scales, [&](const auto& w) { quant_linear_rows_bf16(w, bf16_bits(xb), y.data_ptr<float>(), R, K, N); });
   return y;
 }
 
