@@ -120,6 +120,41 @@ def _swap_linears(model: torch.nn.Module, cls: type, prepare: Callable[[torch.nn
     return n
 
 
+# RMSNorm classes whose forward is exactly Llama's (transformers copies it): w * (x * rsqrt(mean(x^2) + eps))
+LLAMA_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"}
+
+
+class KernelRMSNorm(torch.nn.Module):
+    """Mixed in before a stock Llama-style RMSNorm class: the same arithmetic in one kernel call (`rms_norm`),
+    rows normalised independently of each other. Training (gradients) and other dtypes keep the stock forward."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype is not torch.float32 or (
+                torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad)):
+            return super().forward(hidden_states)
+        return load_kernel().rms_norm(hidden_states.contiguous(), self.weight, self.variance_epsilon)
+
+
+@functools.cache
+def _kernel_norm_class(stock: type) -> type:
+    return type(f"Kernel{stock.__name__}", (KernelRMSNorm, stock), {})
+
+
+def use_kernel_norms(model: torch.nn.Module) -> int:
+    """Give the model's Llama-style float32 RMSNorm layers the one-call kernel in place; returns how many.
+    Their weights, state dict and module tree are unchanged; only the number of tensor ops per call is."""
+    if load_kernel() is None:
+        return 0
+    n = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if (type(module).__name__ in LLAMA_RMS_NORMS and isinstance(w, torch.Tensor) and w.dtype == torch.float32
+                and w.device.type == "cpu" and w.numel() % 8 == 0):
+            module.__class__ = _kernel_norm_class(type(module))
+            n += 1
+    return n
+
+
 def packs_gguf_blocks() -> bool:
     """Whether decoding steps read exact GGUF blocks packed (PPD_GGUF_BLOCKS=0: the unpacked copies, to compare)."""
     return os.environ.get("PPD_GGUF_BLOCKS", "1") != "0"
@@ -177,14 +212,14 @@ class Bf16Linear(SmallBatchLinear):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if (flat.shape[0] > KERNEL_MAX_ROWS or x.dtype != torch.float32
+        # 211 calls a step: every check here is paid per call (kept to plain attributes and one reshape)
+        if (x.dtype is not torch.float32 or x.numel() > KERNEL_MAX_ROWS * self.in_features
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return torch.nn.functional.linear(x.to(torch.bfloat16).to(x.dtype), self.weight, self.bias)
-        y = self.step_rows(flat.contiguous())
+        y = self.step_rows(x.reshape(-1, self.in_features).contiguous())
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class AmxBf16Linear(Bf16Linear):
@@ -205,9 +240,10 @@ class Avx512Bf16Linear(Bf16Linear):
     16 rows 18.2 -> 13.7 ms against the float32 kernel on the same packed blocks."""
 
     def step_rows(self, x: torch.Tensor) -> torch.Tensor:
-        if (blocks := self.packed_blocks()) is not None:
-            return load_kernel().bf16_quant_linear(x, *blocks)
-        if (packed := self._buffers.get("packed")) is not None:
+        buffers = self._buffers
+        if (q := buffers.get("qweight")) is not None:
+            return load_kernel().bf16_quant_linear(x, q, buffers["qscales"])
+        if (packed := buffers.get("packed")) is not None:
             return load_kernel().bf16_linear(x, packed)
         return torch.nn.functional.linear(x.to(torch.bfloat16).to(x.dtype), self.weight)  # K % 32 != 0
 

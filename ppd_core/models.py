@@ -37,6 +37,7 @@ from .cpu_kernels import (
     load_kernel,
     precision,
     use_bf16_linears,
+    use_kernel_norms,
     use_small_batch_linears,
 )
 
@@ -267,6 +268,8 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
             use_bf16_linears(model, bf16_kernel)
         elif dev.type == "cpu" and torch_dtype == torch.float32:
             use_small_batch_linears(model)
+        if dev.type == "cpu" and torch_dtype == torch.float32:
+            use_kernel_norms(model)
     model.eval().requires_grad_(False)
     if tokenizer.chat_template is None:
         raise ModelError(f"{spec!r} has no chat template; PPD Chat needs an instruction-tuned model")

@@ -226,3 +226,29 @@ def test_bf16_kernel_is_chosen_only_where_it_stays_lossless(monkeypatch):
         monkeypatch.setattr(models, "amx_available", lambda v=amx: v)
         monkeypatch.setattr(models, "avx512_bf16_available", lambda v=avx512: v)
         assert cpu_bf16_kernel("auto", cpu, None) == want
+
+
+@needs_kernel
+def test_kernel_rms_norm_is_the_stock_norm_per_row_and_keeps_gradients():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from ppd_core.cpu_kernels import KernelRMSNorm, use_kernel_norms
+
+    stock = LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        stock.weight.copy_(torch.randn(576, generator=torch.Generator().manual_seed(1)))
+    model = torch.nn.Sequential(LlamaRMSNorm(576, eps=1e-5), torch.nn.Linear(576, 8))
+    model[0].load_state_dict(stock.state_dict())
+    assert use_kernel_norms(model) == 1 and isinstance(model[0], KernelRMSNorm)
+    assert set(model.state_dict()) == {"0.weight", "1.weight", "1.bias"}  # module tree and weights unchanged
+    x = torch.randn(1, 23, 576, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.inference_mode():
+        y = model[0](x)
+        torch.testing.assert_close(y, stock(x), rtol=1e-6, atol=1e-6)  # the same arithmetic, last bits aside
+        for rows in (1, 5, 23):  # a row is normalised alone as inside any batch (plain step vs tree)
+            assert torch.equal(model[0](x[:, :rows]), y[:, :rows])
+    xg = x.clone().requires_grad_(True)  # training: the stock forward, with its gradient
+    model[0](xg).sum().backward()
+    want = x.clone().requires_grad_(True)
+    stock(want).sum().backward()
+    torch.testing.assert_close(xg.grad, want.grad)
