@@ -17,6 +17,8 @@ Without AVX2, a compiler or with PPD_CPU_KERNEL=0, the MKL path below is used.
 Where the CPU has AMX (Intel Sapphire Rapids on), `AmxBf16Linear` runs the bf16 matmuls of the lossless bf16
 mode on AMX tiles instead; where it has AVX512_BF16 but no AMX (AMD Zen 4 on), `Avx512Bf16Linear` runs them
 on bf16 dot products, reading the same packed GGUF blocks.
+The same extension also normalises rows (`rms_norm`, `KernelRMSNorm`): one call where the stock RMSNorm runs 7
+tensor ops, a step's 61 norms being a large share of what a plain step spends outside the matmuls.
 """
 
 from __future__ import annotations
