@@ -110,16 +110,23 @@ class SmallBatchLinear(torch.nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def _swap_linears(model: torch.nn.Module, cls: type, prepare: Callable[[torch.nn.Module], None] | None = None) -> int:
-    """Give every plain nn.Linear of the model the class `cls` in place (after `prepare(module)`); returns how many."""
+def _swap_classes(model: torch.nn.Module, new_class: Callable[[torch.nn.Module], type | None],
+                  prepare: Callable[[torch.nn.Module], None] | None = None) -> int:
+    """Give every module for which `new_class(module)` names a class that class in place (after `prepare(module)`):
+    same weights, state dict and module tree, another forward. Returns how many."""
     n = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        if (cls := new_class(module)) is not None:
             if prepare is not None:
                 prepare(module)
             module.__class__ = cls
             n += 1
     return n
+
+
+def _swap_linears(model: torch.nn.Module, cls: type, prepare: Callable[[torch.nn.Module], None] | None = None) -> int:
+    """Give every plain nn.Linear of the model the class `cls` in place (after `prepare(module)`); returns how many."""
+    return _swap_classes(model, lambda m: cls if type(m) is torch.nn.Linear else None, prepare)
 
 
 # RMSNorm classes whose forward is exactly Llama's (transformers copies it): w * (x * rsqrt(mean(x^2) + eps))
@@ -147,14 +154,15 @@ def use_kernel_norms(model: torch.nn.Module) -> int:
     Their weights, state dict and module tree are unchanged; only the number of tensor ops per call is."""
     if load_kernel() is None:
         return 0
-    n = 0
-    for module in model.modules():
+
+    def kernel_class(module: torch.nn.Module) -> type | None:
         w = getattr(module, "weight", None)
         if (type(module).__name__ in LLAMA_RMS_NORMS and isinstance(w, torch.Tensor) and w.dtype == torch.float32
                 and w.device.type == "cpu" and w.numel() % 8 == 0):
-            module.__class__ = _kernel_norm_class(type(module))
-            n += 1
-    return n
+            return _kernel_norm_class(type(module))
+        return None
+
+    return _swap_classes(model, kernel_class)
 
 
 def packs_gguf_blocks() -> bool:

@@ -264,11 +264,11 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
         raise ModelError(f"could not load model {spec!r}: {exc}") from exc
     if quantization is None:
         model.to(dev)
-        if bf16_kernel:
-            use_bf16_linears(model, bf16_kernel)
-        elif dev.type == "cpu" and torch_dtype == torch.float32:
-            use_small_batch_linears(model)
-        if dev.type == "cpu" and torch_dtype == torch.float32:
+        if dev.type == "cpu" and torch_dtype == torch.float32:  # what our CPU kernels take (bf16 ones included)
+            if bf16_kernel:
+                use_bf16_linears(model, bf16_kernel)
+            else:
+                use_small_batch_linears(model)
             use_kernel_norms(model)
     model.eval().requires_grad_(False)
     if tokenizer.chat_template is None:
