@@ -765,21 +765,34 @@ static void unpack_row_bf16(const Q8Weights& w, int64_t n, uint16_t* out) {
   }
 }
 
-// packed GGUF weights: a strip of 4 rows unpacked to bf16 in L1, then the bf16 loop over all x rows
+// packed GGUF weights: a strip of 4 rows unpacked to bf16 in L1, then the bf16 loop over all x rows.
+// A wide output (the LM head: N = 49152 = 48 x 4096 floats per row) goes to a small per-thread tile first and to y
+// a tile row at a time: writing 4 outputs straight into each of > 6 rows of y per strip kept those rows in one L1
+// and one L2 set (8 rows through the head cost 2.4 ms against 1.0 for 6; 1.3 with the tile)
 template <class W>
 static void quant_linear_rows_bf16(const W& w, const uint16_t* xb, float* yp, int64_t R, int64_t K, int64_t N) {
   constexpr int64_t P = 4;
-  at::parallel_for(0, (N + P - 1) / P, 16, [&](int64_t b0, int64_t b1) {
+  const int64_t T = N >= 4096 ? 64 : N;  // outputs per tile (a multiple of P when tiling); T = N: no tile
+  at::parallel_for(0, (N + P - 1) / P, T == N ? 16 : T / P, [&](int64_t b0, int64_t b1) {
     std::vector<uint16_t> room(P * K + 32);  // 64-byte aligned below: a 512-bit load never spans two lines
     uint16_t* const buf = room.data() + (-reinterpret_cast<uintptr_t>(room.data()) / 2 & 31);
-    for (int64_t n = P * b0; n < std::min(N, P * b1); n += P) {
-      const int64_t rows = std::min(P, N - n);
-      for (int64_t p = n + P; p < std::min(N, n + 2 * P); ++p) w.prefetch_row(p);
-      for (int64_t p = 0; p < rows; ++p) unpack_row_bf16(w, n + p, buf + p * K);
-      if (rows == P)
-        rows_block_bf16<P, false>(buf, xb, R, K, N, yp + n);
-      else
-        for (int64_t p = 0; p < rows; ++p) rows_block_bf16<1, false>(buf + p * K, xb, R, K, N, yp + n + p);
+    std::vector<float> tile(T == N ? 0 : R * T);
+    const int64_t end = std::min(N, P * b1);
+    for (int64_t n0 = P * b0; n0 < end; n0 += T) {
+      const int64_t width = std::min(T, end - n0);
+      float* const out = T == N ? yp : tile.data() - n0;  // where output n of row r goes: out[r * stride + n]
+      const int64_t stride = T == N ? N : T;
+      for (int64_t n = n0; n < n0 + width; n += P) {
+        const int64_t rows = std::min(P, N - n);
+        for (int64_t p = n + P; p < std::min(N, n + 2 * P); ++p) w.prefetch_row(p);
+        for (int64_t p = 0; p < rows; ++p) unpack_row_bf16(w, n + p, buf + p * K);
+        if (rows == P)
+          rows_block_bf16<P, false>(buf, xb, R, K, stride, out + n);
+        else
+          for (int64_t p = 0; p < rows; ++p) rows_block_bf16<1, false>(buf + p * K, xb, R, K, stride, out + n + p);
+      }
+      if (T != N)
+        for (int64_t r = 0; r < R; ++r) std::memcpy(yp + r * N + n0, tile.data() + r * T, width * sizeof(float));
     }
   });
 }

@@ -191,7 +191,8 @@ def test_avx512_bf16_matmul_is_a_bf16_matmul_with_fp32_accumulation(n_out: int, 
 
 @needs_avx512_bf16
 @pytest.mark.parametrize("kind, n_out, n_in",
-                         [("q4_1", 577, 576), ("q4_1", 35, 608), ("q8_0", 194, 1536), (None, 1537, 576)])
+                         [("q4_1", 577, 576), ("q4_1", 35, 608), ("q8_0", 194, 1536), (None, 1537, 576),
+                          ("q8_0", 4099, 64)])  # wide like the LM head: outputs staged in tiles
 def test_avx512_bf16_row_is_bit_identical_alone_or_in_any_batch_and_packed_blocks_are_the_bf16_weights(
         kind: str | None, n_out: int, n_in: int):
     from ppd_core.gguf_blocks import find_blocks
@@ -207,7 +208,7 @@ def test_avx512_bf16_row_is_bit_identical_alone_or_in_any_batch_and_packed_block
         assert torch.equal(dense(x[:rows]), alone[:rows])
     if kind:  # unpacked on the fly and rounded (608: an odd number of blocks): the very bf16 weights and sums
         _, q, scales = find_blocks(w)
-        for rows in (1, 5, 23):
+        for rows in (1, 5, 7, 12, 23):
             assert torch.equal(kernel.bf16_quant_linear(x[:rows].contiguous(), q, scales), alone[:rows])
 
 
