@@ -780,16 +780,17 @@ static void quant_linear_rows_bf16(const W& w, const uint16_t* xb, float* yp, in
     const int64_t end = std::min(N, P * b1);
     for (int64_t n0 = P * b0; n0 < end; n0 += T) {
       const int64_t width = std::min(T, end - n0);
-      float* const out = T == N ? yp : tile.data() - n0;  // where output n of row r goes: out[r * stride + n]
+      // output n of row r goes to out[r * stride + n - n0]
+      float* const out = T == N ? yp + n0 : tile.data();
       const int64_t stride = T == N ? N : T;
       for (int64_t n = n0; n < n0 + width; n += P) {
         const int64_t rows = std::min(P, N - n);
         for (int64_t p = n + P; p < std::min(N, n + 2 * P); ++p) w.prefetch_row(p);
         for (int64_t p = 0; p < rows; ++p) unpack_row_bf16(w, n + p, buf + p * K);
         if (rows == P)
-          rows_block_bf16<P, false>(buf, xb, R, K, stride, out + n);
+          rows_block_bf16<P, false>(buf, xb, R, K, stride, out + (n - n0));
         else
-          for (int64_t p = 0; p < rows; ++p) rows_block_bf16<1, false>(buf + p * K, xb, R, K, stride, out + n + p);
+          for (int64_t p = 0; p < rows; ++p) rows_block_bf16<1, false>(buf + p * K, xb, R, K, stride, out + (n - n0) + p);
       }
       if (T != N)
         for (int64_t r = 0; r < R; ++r) std::memcpy(yp + r * N + n0, tile.data() + r * T, width * sizeof(float));
