@@ -344,22 +344,20 @@ def choose_early_prune(engine: Engine, tree: TreeSpec, b_star: int, curve: list[
     try:
         # each setting is timed right after its own unpruned run: this shared machine's speed drifts by 10-30 %
         # over a minute, which a single base run compared with nine later trials read as gains of up to 1.24x
-        trials, bases = [], []
+        trials, base = [], None
         for c in tqdm(cuts, desc="early pruning", disable=not progress, file=sys.stderr):
             for k in EARLY_TOP_K:
-                bases.append(pruned_run(engine, prompts, None))
-                run = pruned_run(engine, prompts, EarlyPrune(c, k))
-                trials.append({"layer": c, "top_k": k, **run, "vs_base": _ratio(run, bases[-1])})
+                unpruned, run = paired_run(engine, prompts, EarlyPrune(c, k))
+                base = base or unpruned
+                trials.append({"layer": c, "top_k": k, **run})
         best = max(trials, key=lambda t: t["vs_base"])
         # the best of nine noisy ratios overstates its setting, so it has to win again in fresh pairs
-        confirm = []
-        for _ in range(CONFIRM_PAIRS):
-            base = pruned_run(engine, prompts, None)
-            confirm.append(_ratio(pruned_run(engine, prompts, EarlyPrune(best["layer"], best["top_k"])), base))
+        chosen = EarlyPrune(best["layer"], best["top_k"])
+        confirm = [paired_run(engine, prompts, chosen)[1]["vs_base"] for _ in range(CONFIRM_PAIRS)]
     finally:
         engine.set_tree(saved)
     gain = statistics.median(confirm)
-    report.update(base=bases[0], trials=trials, confirmation=[round(r, 3) for r in confirm])
+    report.update(base=base, trials=trials, confirmation=[round(r, 3) for r in confirm])
     if gain >= MIN_PRUNE_GAIN:
         report.update(enabled=True, layer=best["layer"], top_k=best["top_k"],
                       reason=f"measured {gain:.2f}x (median of {CONFIRM_PAIRS} confirming pairs)")
@@ -369,8 +367,12 @@ def choose_early_prune(engine: Engine, tree: TreeSpec, b_star: int, curve: list[
     return report
 
 
-def _ratio(run: dict, base: dict) -> float:
-    return run["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0
+def paired_run(engine: Engine, prompts: list[str], prune: EarlyPrune) -> tuple[dict, dict]:
+    """An unpruned run and then a run with `prune` on the same prompts; the second carries "vs_base", its
+    tokens/s over the first's."""
+    base = pruned_run(engine, prompts, None)
+    run = pruned_run(engine, prompts, prune)
+    return base, {**run, "vs_base": run["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0}
 
 
 def early_prune_from_report(report: dict) -> EarlyPrune | None:

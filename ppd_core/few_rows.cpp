@@ -772,17 +772,18 @@ static void unpack_row_bf16(const Q8Weights& w, int64_t n, uint16_t* out) {
 template <class W>
 static void quant_linear_rows_bf16(const W& w, const uint16_t* xb, float* yp, int64_t R, int64_t K, int64_t N) {
   constexpr int64_t P = 4;
-  const int64_t T = N >= 4096 ? 64 : N;  // outputs per tile (a multiple of P when tiling); T = N: no tile
-  at::parallel_for(0, (N + P - 1) / P, T == N ? 16 : T / P, [&](int64_t b0, int64_t b1) {
+  const bool tiled = N >= 4096;
+  const int64_t T = tiled ? 64 : N;  // outputs per tile, a multiple of P (untiled: the whole chunk at once)
+  at::parallel_for(0, (N + P - 1) / P, tiled ? T / P : 16, [&](int64_t b0, int64_t b1) {
     std::vector<uint16_t> room(P * K + 32);  // 64-byte aligned below: a 512-bit load never spans two lines
     uint16_t* const buf = room.data() + (-reinterpret_cast<uintptr_t>(room.data()) / 2 & 31);
-    std::vector<float> tile(T == N ? 0 : R * T);
+    std::vector<float> tile(tiled ? R * T : 0);
     const int64_t end = std::min(N, P * b1);
     for (int64_t n0 = P * b0; n0 < end; n0 += T) {
       const int64_t width = std::min(T, end - n0);
       // output n of row r goes to out[r * stride + n - n0]
-      float* const out = T == N ? yp + n0 : tile.data();
-      const int64_t stride = T == N ? N : T;
+      float* const out = tiled ? tile.data() : yp + n0;
+      const int64_t stride = tiled ? T : N;
       for (int64_t n = n0; n < n0 + width; n += P) {
         const int64_t rows = std::min(P, N - n);
         for (int64_t p = n + P; p < std::min(N, n + 2 * P); ++p) w.prefetch_row(p);
@@ -792,7 +793,7 @@ static void quant_linear_rows_bf16(const W& w, const uint16_t* xb, float* yp, in
         else
           for (int64_t p = 0; p < rows; ++p) rows_block_bf16<1, false>(buf + p * K, xb, R, K, stride, out + (n - n0) + p);
       }
-      if (T != N)
+      if (tiled)
         for (int64_t r = 0; r < R; ++r) std::memcpy(yp + r * N + n0, tile.data() + r * T, width * sizeof(float));
     }
   });
