@@ -38,6 +38,7 @@ from transformers import DynamicCache
 from .calibrate import CALIBRATION_PROMPTS, accuracy_table
 from .cpu_kernels import describe_packed, kernel_isa
 from .engine import EarlyPrune, Engine, InputError, Session, Settings
+from .ngram import copy_bound_steps
 from .tree import TreeSpec, build_tree, default_tree
 
 MODES = ("hf_generate", "hf_prompt_lookup", "plain", "ppd", "ngram", "ppd_ngram", "ppd_ngram_pruned", "ppd_dynamic",
@@ -169,7 +170,10 @@ def run_conversation(engine: Engine, mode: str, turns: list[str], settings: Sett
     for k, user in enumerate(turns):
         messages.append({"role": "user", "content": user})
         turn_settings = replace(settings, seed=settings.seed + k) if settings.seed is not None else settings
-        result = run_mode(engine, mode, engine.encode(messages), turn_settings, session, tree)
+        ids = engine.encode(messages)
+        result = run_mode(engine, mode, ids, turn_settings, session, tree)
+        if mode == "plain":  # what the copy bound (`copy_bound`) reads
+            result["context"] = ids
         messages.append({"role": "assistant", "content": engine.tokenizer.decode(result["tokens"],
                                                                                 skip_special_tokens=True)})
         results.append(result)
@@ -226,6 +230,7 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
         run_mode(engine, mode, warm, replace(settings, max_new_tokens=8), tree=trees.get(mode))
     totals = {m: ModeTotals() for m in modes}
     per_turn: dict[int, dict[str, ModeTotals]] = {}
+    all_results: list[dict[str, list[dict]]] = []
     for i, row in enumerate(tqdm(prompts, desc="bench", unit="prompt")):
         pid = str(row.get("id", i))
         results = done.get(pid)
@@ -236,11 +241,15 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
             if partial:
                 with partial.open("a") as f:
                     f.write(json.dumps({"id": pid, "config": config, "results": results}) + "\n")
+        all_results.append(results)
         for m in modes:
             for k, r in enumerate(results[m]):
                 for t in (totals[m], per_turn.setdefault(k, {}).setdefault(m, ModeTotals())):
                     t.add(r)
     plain = totals.get("plain")
+    plain_runs = [r for row in all_results for r in row.get("plain", [])]
+    # resumed rows from before the bound existed carry no context: no bound then, rather than one over a subset
+    replies = [(r["context"], r["tokens"]) for r in plain_runs] if all("context" in r for r in plain_runs) else []
     return {
         "model": engine.lm.name, "dtype": engine.precision, "device": str(engine.device),
         "kernel": kernel_isa() if engine.device.type == "cpu" else None,
@@ -259,7 +268,27 @@ def benchmark(engine: Engine, prompts: list[dict], modes: tuple[str, ...], setti
         if plain and not settings.sampling else {},
         "turns": {str(k + 1): {m: t.summary() for m, t in by_mode.items()} for k, by_mode in per_turn.items()}
         if len(per_turn) > 1 else {},
+        "copy_bound": copy_bound(replies, plain) if plain and replies and not settings.sampling else None,
     }
+
+
+COPY_BOUND_CHAINS = (1, 4)
+
+
+def copy_bound(replies: list[tuple[list[int], list[int]]], plain: ModeTotals) -> dict:
+    """What guesses copied from the context could at most give on plain decoding's own replies (`copy_bound_steps`:
+    the best of `chains` context matches verified every step, rows for free): tokens per step, and the end-to-end
+    speed-up if every step still cost a plain step (a tree step never costs less), prefill unchanged."""
+    out = {}
+    new = sum(len(reply) for _, reply in replies)
+    for chains in COPY_BOUND_CHAINS:
+        steps = sum(copy_bound_steps(context, reply, chains) for context, reply in replies)
+        tau = new / steps if steps else 1.0
+        # each of the bound's steps costs at least plain's mean step
+        step_s = plain.decode_seconds / plain.forward_passes if plain.forward_passes else 0.0
+        bound_s = plain.seconds - plain.decode_seconds + steps * step_s
+        out[str(chains)] = {"tau": round(tau, 3), "speedup": round(plain.seconds / bound_s, 3) if bound_s else None}
+    return out
 
 
 def markdown_table(report: dict, modes: dict | None = None) -> str:
@@ -341,6 +370,10 @@ def run_bench(args: argparse.Namespace) -> int:
             what = (f"after layer {ep['layer']}, early top-{ep['top_k']}: {100 * (m['pruned_fraction'] or 0):.1f} % of "
                     f"the tree's nodes pruned, {m['step_ms']:.1f} ms per decoding step") if ep else "off (calibration)"
             print(f"\n{mode}: early pruning {what}")
+    if report["copy_bound"]:
+        bound = "; ".join(f"{c} chain{'s' if c != '1' else ''}: tau {b['tau']:.2f}, at most {b['speedup']:.2f}x plain"
+                          for c, b in report["copy_bound"].items())
+        print(f"\ncopy bound (guesses copied from the context, verified with no row cost, on plain's replies): {bound}")
     for turn, modes in report["turns"].items():
         print(f"\nturn {turn} only:\n")
         print(markdown_table(report, modes))

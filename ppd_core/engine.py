@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from .cpu_kernels import linear_rows, packed_weights, precision
 from .dynamic import AcceptanceStats, TreeMenu
-from .kv_cache import growing_cache
+from .kv_cache import GrowingLayer, growing_cache
 from .models import LoadedModel, eos_ids
 from .ngram import MAX_CHAIN, NgramIndex, NgramStats, merge_chain
 from .prompt_tokens import PromptTokens
@@ -263,8 +263,10 @@ class Engine:
         dec = self.decoder
         h, pos, n = embeds[None], positions[None], buf.n_nodes
         rotary = dec.rotary_emb(h, pos)
-        offsets = self.prompt_tokens.offsets if self.prompt_tokens is not None else None
-        prompt_rows, source = torch.arange(n, h.shape[1], device=self.device), buf.prompt_source
+        # the deep prompt tokens' per-layer offsets (steering), gathered once a step; prompt rows are the
+        # trailing rows (from `first_prompt`), so a layer's offsets are one in-place add on that slice
+        steer = self._steering(buf.prompt_source, h.dtype)
+        first_prompt = n
         kept = torch.arange(h.shape[1], device=self.device)
         for i, layer in enumerate(dec.layers):
             if prune is not None and i == prune.layer:
@@ -272,14 +274,20 @@ class Engine:
                 h, pos, rotary = h[:, kept], pos[:, kept], tuple(x[:, kept] for x in rotary)
                 cols = torch.cat([torch.arange(past, device=self.device), past + kept])
                 mask = mask[:, :, kept][..., cols]
-                n_kept = int((kept < n).sum())
-                prompt_rows, source = torch.arange(n_kept, kept.numel(), device=self.device), buf.prompt_source[
-                    kept[n_kept:] - n]
-            if i and offsets is not None and source.numel():  # the deep prompt tokens' per-layer offsets (steering)
-                h = self.prompt_tokens.add_offsets(h, offsets[i - 1][source], prompt_rows)
+                first_prompt = int((kept < n).sum())
+                steer = self._steering(buf.prompt_source[kept[first_prompt:] - n], h.dtype)
+            if i and steer is not None:
+                h[:, first_prompt:].add_(steer[i - 1])
             h = layer(h, attention_mask=mask, position_embeddings=rotary, position_ids=pos, past_key_values=cache,
                       use_cache=True)
         return dec.norm(h)[0], kept if prune is not None else None
+
+    def _steering(self, source: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...] | None:
+        """Per layer 1.., the deep offsets [R, H] of the prompt rows whose embeddings are `source`; None if none."""
+        offsets = self.prompt_tokens.offsets if self.prompt_tokens is not None else None
+        if offsets is None or not source.numel():
+            return None
+        return offsets[:, source].to(dtype).unbind(0)
 
     def _early_survivors(self, early_hidden: torch.Tensor, buf: TreeBuffers, node_tokens: torch.Tensor,
                          top_k: int) -> torch.Tensor:
@@ -495,11 +503,13 @@ class Engine:
         cut, after_cut = (late[0], placement(late[1])) if late is not None else (len(cache.layers), before_cut)
         for i, layer in enumerate(cache.layers):
             first, keep = before_cut if i < cut else after_cut
-            for name in ("keys", "values"):
-                kv = getattr(layer, name)
-                if first < n:
+            if first < n:
+                for kv in (layer.keys, layer.values):
                     kv[..., past + first:past + n, :] = kv[..., keep, :]  # the gather copies before writing
-                setattr(layer, name, kv[..., : past + n, :])
+            if isinstance(layer, GrowingLayer):
+                layer.keep(past + n)
+            else:
+                layer.keys, layer.values = layer.keys[..., : past + n, :], layer.values[..., : past + n, :]
 
     # ------------------------------------------------------------------ the API
 

@@ -479,21 +479,22 @@ torch::Tensor tree_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   std::vector<int64_t> count(T);
   if (has_mask) {
     TORCH_CHECK(mask.dim() == 4 && mask.size(2) == T && mask.size(3) == S, "mask shape");
-    auto m = mask[0][0];
-    if (m.dtype() == torch::kBool) {
-      auto a = m.accessor<bool, 2>();
+    // read through the strides (no mask[0][0]: two tensor ops per layer, 60 a step)
+    const int64_t st = mask.stride(2), sj = mask.stride(3);
+    if (mask.dtype() == torch::kBool) {
+      const bool* a = mask.data_ptr<bool>();
       for (int64_t t = 0; t < T; ++t) {
         int64_t c = 0;
-        for (int64_t j = 0; j < S; ++j) if (a[t][j]) keys[t * S + c++] = j;
+        for (int64_t j = 0; j < S; ++j) if (a[t * st + j * sj]) keys[t * S + c++] = j;
         count[t] = c;
       }
     } else {
-      TORCH_CHECK(m.dtype() == torch::kFloat32, "mask dtype");
-      auto a = m.accessor<float, 2>();
+      TORCH_CHECK(mask.dtype() == torch::kFloat32, "mask dtype");
+      const float* a = mask.data_ptr<float>();
       for (int64_t t = 0; t < T; ++t) {
         int64_t c = 0;
         for (int64_t j = 0; j < S; ++j) {
-          const float x = a[t][j];
+          const float x = a[t * st + j * sj];
           if (x == 0.0f) keys[t * S + c++] = j;
           else if (!(x < -1e30f)) return torch::Tensor();
         }

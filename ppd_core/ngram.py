@@ -91,3 +91,46 @@ def merge_chain(parents: list[int], tokens: list[int], attached: list[int], chai
             children[(cur, tok)] = nxt
         cur = nxt
     return parents, tokens, attached, from_chain
+
+
+def copy_bound_steps(context: list[int], reply: list[int], chains: int = 1, max_len: int = MAX_CHAIN) -> int:
+    """The fewest decoding steps in which guesses copied from the context could write `reply` (written after
+    `context`, as the engine steps: the first step's root is the context's last token). Each step verifies the
+    continuations of the `chains` latest earlier occurrences of the longest matching suffixes (the matcher above,
+    more than one match allowed), `max_len` tokens each, keeps the longest correct one and pays nothing for the
+    rows: an upper bound for this kind of guess source, not a prediction of its speed."""
+    if not context or not reply:
+        return len(reply)
+    full, tokens = list(context) + list(reply), []
+    follows: dict[tuple[int, ...], list[int]] = {}  # n-gram -> positions of the token after each occurrence
+    for tok in full[:len(context)]:
+        _index_token(tokens, follows, tok)
+    root, steps = len(context) - 1, 0
+    while root < len(full) - 1:
+        guesses: list[list[int]] = []
+        for n in range(min(MAX_MATCH, len(tokens)), 0, -1):
+            for start in reversed(follows.get(tuple(tokens[-n:]), [])):
+                out: list[int] = []
+                for j in range(start, start + max_len):  # past the end: copy the guess itself, as `continuation`
+                    out.append(tokens[j] if j < len(tokens) else out[j - len(tokens)])
+                if out not in guesses and len(guesses) < chains:
+                    guesses.append(out)
+        accepted = 0
+        for g in guesses:
+            a = 0
+            while a < len(g) and root + 1 + a < len(full) and g[a] == full[root + 1 + a]:
+                a += 1
+            accepted = max(accepted, a)
+        for tok in full[root + 1:root + 2 + accepted]:
+            _index_token(tokens, follows, tok)
+        root += accepted + 1
+        steps += 1
+    return steps
+
+
+def _index_token(tokens: list[int], follows: dict[tuple[int, ...], list[int]], tok: int) -> None:
+    p = len(tokens)
+    for n in range(1, MAX_MATCH + 1):
+        if p - n >= 0:
+            follows.setdefault(tuple(tokens[p - n:p]), []).append(p)
+    tokens.append(tok)

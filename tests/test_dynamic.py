@@ -129,3 +129,22 @@ def test_growing_cache_matches_the_stock_cache(tiny: LoadedModel):
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     room = caches[1].layers[0]._key_buf.shape[-2]
     assert room >= 256 and caches[1].layers[0].keys.data_ptr() == caches[1].layers[0]._key_buf.data_ptr()
+
+
+def test_growing_layer_keep_shortens_lazily_and_the_next_update_writes_after_the_kept_part():
+    layer = GrowingLayer()
+    k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    layer.update(k, v)
+    layer.keep(4)  # as a step keeps its accepted rows
+    assert layer.get_seq_length() == 4
+    assert torch.equal(layer.keys, k[..., :4, :]) and torch.equal(layer.values, v[..., :4, :])
+    layer.keep(3)
+    k2, v2 = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4)
+    keys, values = layer.update(k2, v2)  # the kept cut is not read before the update: it still applies
+    assert torch.equal(keys, torch.cat([k[..., :3, :], k2], -2))
+    assert torch.equal(values, torch.cat([v[..., :3, :], v2], -2))
+    assert layer.get_seq_length() == 5 and layer.keys.data_ptr() == layer._key_buf.data_ptr()
+    layer.crop(-1)  # the stock crop sees the same views
+    assert layer.get_seq_length() == 4 and torch.equal(layer.values, values[..., :4, :])
+    with pytest.raises(ValueError, match="cannot keep 5 of 4"):
+        layer.keep(5)

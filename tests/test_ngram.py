@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ppd_core.ngram import MAX_MATCH, NgramIndex, NgramStats, merge_chain
+from ppd_core.ngram import MAX_MATCH, NgramIndex, NgramStats, copy_bound_steps, merge_chain
 
 
 def index(tokens: list[int]) -> NgramIndex:
@@ -62,3 +62,18 @@ def test_merge_shares_existing_nodes():
     assert parents == [-1, 0, 1, 0, 1, 4] and tokens == [100, 5, 6, 7, 8, 9]
     assert from_chain == [False, False, False, False, True, True]
     assert attached == [3, 1, 0, 0, 0, 0]
+
+
+def test_copy_bound_counts_the_fewest_steps_copying_could_take():
+    # a reply that repeats the context: one step finds nothing to match after the context's last token (6),
+    # the next copies the rest ([2, 3, 4, 5] accepted, 6 from the model): 6 tokens in 2 steps
+    assert copy_bound_steps([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]) == 2
+    assert copy_bound_steps([1, 2, 3], [9, 8, 7]) == 3  # nothing to copy: one step a token
+    assert copy_bound_steps([1, 2, 3], []) == 0
+    # (1, 2) was followed by 3 and, later, by 4: the latest match alone guesses 4 and misses (the step writes 3,
+    # the next copies 9 after (1, 2, 3) and writes 5); with two chains the earlier continuation [3, 9] is verified
+    # too and one step writes all three
+    context, reply = [1, 2, 3, 9, 1, 2, 4, 1, 2], [3, 9, 5]
+    assert copy_bound_steps(context, reply, chains=1) == 2
+    assert copy_bound_steps(context, reply, chains=2) == 1
+    assert copy_bound_steps(context, reply, chains=2, max_len=1) == 2  # one-token guesses: 3 (+ 9), then 5

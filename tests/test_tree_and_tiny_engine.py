@@ -182,9 +182,13 @@ def test_bench_compares_trees_and_sampling_modes(tiny: LoadedModel, tmp_path):
     assert report["identical_to_plain"] == dict.fromkeys(modes, True)
     assert report["tree_budgets"] == {"ppd_b2": trees["ppd_b2"].budget} and engine.tree.budget != 2
     assert set(report["turns"]) == {"1", "2"} and report["modes"]["plain"]["new_tokens"] == 36
+    # the copy bound reads plain's own replies: never fewer tokens per step than 1, never slower than plain
+    bound = report["copy_bound"]
+    assert set(bound) == {"1", "4"} and all(b["tau"] >= 1.0 and b["speedup"] >= 1.0 for b in bound.values())
     sampled = benchmark(engine, prompts, modes, Settings(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3),
                         None, trees)
     assert sampled["identical_to_plain"] == {} and sampled["sampling"]["temperature"] == 0.8
+    assert sampled["copy_bound"] is None  # a bound on greedy replies only
     assert "n/a (sampling)" in markdown_table(sampled)
     again = benchmark(engine, prompts, ("ppd",), Settings(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3))
     assert again["modes"]["ppd"]["new_tokens"] == sampled["modes"]["ppd"]["new_tokens"]  # seeded: reproducible
