@@ -281,11 +281,11 @@ def copy_bound(replies: list[tuple[list[int], list[int]]], plain: ModeTotals) ->
     speed-up if every step still cost a plain step (a tree step never costs less), prefill unchanged."""
     out = {}
     new = sum(len(reply) for _, reply in replies)
+    # each of the bound's steps costs at least plain's mean step
+    step_s = plain.decode_seconds / plain.forward_passes if plain.forward_passes else 0.0
     for chains in COPY_BOUND_CHAINS:
         steps = sum(copy_bound_steps(context, reply, chains) for context, reply in replies)
         tau = new / steps if steps else 1.0
-        # each of the bound's steps costs at least plain's mean step
-        step_s = plain.decode_seconds / plain.forward_passes if plain.forward_passes else 0.0
         bound_s = plain.seconds - plain.decode_seconds + steps * step_s
         out[str(chains)] = {"tau": round(tau, 3), "speedup": round(plain.seconds / bound_s, 3) if bound_s else None}
     return out

@@ -33,12 +33,7 @@ class NgramIndex:
         for n in range(min(MAX_MATCH, len(self.tokens)), 0, -1):
             start = self.follows.get(tuple(self.tokens[-n:]))
             if start is not None:
-                # copy like LZ77: past the end of the context, keep copying the guessed tokens
-                # themselves, which extends runs and periodic patterns
-                out: list[int] = []
-                for j in range(start, start + max_len):
-                    out.append(self.tokens[j] if j < len(self.tokens) else out[j - len(self.tokens)])
-                return out, n
+                return copy_from(self.tokens, start, max_len), n
         return [], 0
 
 
@@ -69,6 +64,15 @@ class NgramStats:
         for j in range(min(proposed, accepted + 1)):
             self.tried[j] += 1
             self.hit[j] += j < accepted
+
+
+def copy_from(tokens: list[int], start: int, max_len: int) -> list[int]:
+    """`max_len` tokens from `start`, copied like LZ77: past the end of `tokens`, keep copying the copied tokens
+    themselves, which extends runs and periodic patterns."""
+    out: list[int] = []
+    for j in range(start, start + max_len):
+        out.append(tokens[j] if j < len(tokens) else out[j - len(tokens)])
+    return out
 
 
 def merge_chain(parents: list[int], tokens: list[int], attached: list[int], chain: list[int]
@@ -110,10 +114,9 @@ def copy_bound_steps(context: list[int], reply: list[int], chains: int = 1, max_
         guesses: list[list[int]] = []
         for n in range(min(MAX_MATCH, len(tokens)), 0, -1):
             for start in reversed(follows.get(tuple(tokens[-n:]), [])):
-                out: list[int] = []
-                for j in range(start, start + max_len):  # past the end: copy the guess itself, as `continuation`
-                    out.append(tokens[j] if j < len(tokens) else out[j - len(tokens)])
-                if out not in guesses and len(guesses) < chains:
+                if len(guesses) == chains:
+                    break
+                if (out := copy_from(tokens, start, max_len)) not in guesses:
                     guesses.append(out)
         accepted = 0
         for g in guesses:
