@@ -8,4 +8,4 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 python -m pip install -q -r requirements-dev.txt
 python -m ruff check .
-python -m pytest -m "" "$@"
+python -m pytest -m "" --durations=20 "$@"
